@@ -1,0 +1,10 @@
+"""Backbones, projection heads, the multi-crop wrapper and the EsViT losses."""
+from .registry import build_model, model_name_for_arch, register_model, registered_models, UnknownModelError
+from .head import DINOHead
+from .multicrop import MultiCropWrapper
+from .losses import DINOLoss, DDINOLoss
+
+# Importing a backbone module registers its builder.
+from . import swin_transformer  # noqa: F401
+from . import resnet  # noqa: F401
+from . import cvt_transformer  # noqa: F401

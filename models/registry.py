@@ -1,0 +1,65 @@
+"""Maps the yaml's ``MODEL.NAME`` (or a torchvision ``--arch``) to a backbone builder.
+
+Every registered builder has the signature ``builder(config, is_teacher, use_dense_prediction)``
+and returns a backbone that honours the shared forward contract:
+
+- ``forward_features(x) -> (pooled [B, C], region tokens [B, N, C])``
+- ``forward_return_n_last_blocks(x, n=1, return_patch_avgpool=False, depths=()) -> [B, D]``
+- ``num_features`` (C above)
+"""
+
+_BUILDERS = {}
+
+# --arch prefix -> MODEL.NAME of the yaml family it belongs to.
+ARCH_FAMILIES = {
+    'swin': 'swin_transformer',
+    'cvt': 'cvt_v4_transformer',
+    'vil': 'vision_longformer',
+}
+
+
+class UnknownModelError(ValueError):
+    """An architecture name that no builder is registered for, or one that contradicts the yaml."""
+
+
+def register_model(*names):
+    """Decorator: register ``builder`` under each of ``names`` (a ``MODEL.NAME`` or torchvision arch)."""
+    def decorator(builder):
+        for name in names:
+            _BUILDERS[name] = builder
+        return builder
+    return decorator
+
+
+def registered_models():
+    return sorted(_BUILDERS)
+
+
+def model_name_for_arch(arch, model_name=''):
+    """The ``MODEL.NAME`` to build for ``--arch`` given the yaml's ``MODEL.NAME`` (may be empty).
+
+    Raises :class:`UnknownModelError` when the arch is unknown or belongs to another family.
+    """
+    family = next((name for prefix, name in ARCH_FAMILIES.items() if arch and arch.startswith(prefix)), None)
+    if family is None and arch in _BUILDERS:
+        family = arch
+    if arch and family is None:
+        raise UnknownModelError(
+            f"unknown --arch {arch!r}; known: {', '.join(sorted(ARCH_FAMILIES))}* or one of {', '.join(registered_models())}")
+    if not model_name:
+        if family is None:
+            raise UnknownModelError("no architecture given: pass --arch or a --cfg yaml with MODEL.NAME")
+        return family
+    if family is not None and family != model_name:
+        raise UnknownModelError(f"--arch {arch} is a {family} model but the yaml's MODEL.NAME is {model_name}")
+    if model_name not in _BUILDERS:
+        raise UnknownModelError(f"unknown MODEL.NAME {model_name!r}; known: {', '.join(registered_models())}")
+    return model_name
+
+
+def build_model(config, is_teacher=False, use_dense_prediction=False):
+    """Build the backbone named by ``config.MODEL.NAME`` (the teacher gets drop-path 0)."""
+    name = config.MODEL.NAME
+    if name not in _BUILDERS:
+        raise UnknownModelError(f"unknown MODEL.NAME {name!r}; known: {', '.join(registered_models())}")
+    return _BUILDERS[name](config, is_teacher=is_teacher, use_dense_prediction=use_dense_prediction)

@@ -1,0 +1,38 @@
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+REFERENCE_DIR = Path(os.environ.get('ESVIT_REFERENCE_DIR', ROOT.parent / 'shared' / 'reference'))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def reference():
+    """Loader for ../shared/reference files (facts about the original code); skips when absent."""
+    if not REFERENCE_DIR.is_dir():
+        pytest.skip(f"reference data of the original EsViT not found at {REFERENCE_DIR}")
+
+    def load(name):
+        path = REFERENCE_DIR / name
+        if not path.exists():
+            pytest.skip(f"{path} not found")
+        if name.endswith('.json'):
+            return json.loads(path.read_text())
+        return torch.load(path, map_location='cpu', weights_only=True)
+    return load
+
+
+def make_config(cfg=None, opts=()):
+    """A merged, frozen config from a yaml (relative to the repo root) and trailing opts."""
+    from config import get_default_config, update_config
+    config = get_default_config()
+    update_config(config, argparse.Namespace(cfg=str(ROOT / cfg) if cfg else None, opts=list(opts)))
+    return config

@@ -1,0 +1,159 @@
+"""The EsViT losses against a naive, loop-per-token computation written independently here."""
+import math
+
+import pytest
+import torch
+
+from models import DDINOLoss, DINOLoss
+
+STUDENT_TEMP = 0.1
+
+
+def naive_softmax(row):
+    m = max(row)
+    e = [math.exp(x - m) for x in row]
+    return [x / sum(e) for x in e]
+
+
+def naive_log_softmax(row):
+    m = max(row)
+    lse = m + math.log(sum(math.exp(x - m) for x in row))
+    return [x - lse for x in row]
+
+
+def cross_entropy(p, logq):
+    return -sum(a * b for a, b in zip(p, logq))
+
+
+def cosine(a, b):
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def naive_ddino(s_cls, s_region, s_fea, crop_tokens, t_cls, t_region, t_fea, n_t, batch, temp, center, center_grid,
+                dense=True):
+    """Python lists; crop_tokens = token count of each student crop in crop order."""
+    ncrops = len(crop_tokens)
+    # row offset of each student crop in the region tensors (crop-major, then batch, then token)
+    offsets, o = [], 0
+    for n in crop_tokens:
+        offsets.append(o)
+        o += batch * n
+    teacher_cls = [naive_softmax([(x - c) / temp for x, c in zip(row, center)]) for row in t_cls]
+    teacher_region = [naive_softmax([(x - c) / temp for x, c in zip(row, center_grid)]) for row in t_region]
+    total, pairs = 0.0, 0
+    for i in range(2):
+        for v in range(ncrops):
+            if v == i:
+                continue
+            pair = 0.0
+            for b in range(batch):
+                view = cross_entropy(teacher_cls[i * batch + b], naive_log_softmax([x / STUDENT_TEMP for x in s_cls[v * batch + b]]))
+                if not dense:
+                    pair += view
+                    continue
+                n_s = crop_tokens[v]
+                region = 0.0
+                for j in range(n_s):
+                    row = offsets[v] + b * n_s + j
+                    t_rows = [(i * batch + b) * n_t + m for m in range(n_t)]
+                    best = max(t_rows, key=lambda r: cosine(s_fea[row], t_fea[r]))
+                    region += cross_entropy(teacher_region[best], naive_log_softmax([x / STUDENT_TEMP for x in s_region[row]]))
+                pair += 0.5 * view + 0.5 * region / n_s
+            total += pair / batch
+            pairs += 1
+    return total / pairs
+
+
+def random_outputs(batch, crops_per_group, tokens_per_group, K=7, C=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ncrops = sum(crops_per_group)
+    rows = batch * sum(c * n for c, n in zip(crops_per_group, tokens_per_group))
+    student = (torch.randn(ncrops * batch, K, generator=g), torch.randn(rows, K, generator=g),
+               torch.randn(rows, C, generator=g), list(tokens_per_group))
+    n_t = tokens_per_group[0]
+    teacher = (torch.randn(2 * batch, K, generator=g), torch.randn(2 * batch * n_t, K, generator=g),
+               torch.randn(2 * batch * n_t, C, generator=g), [n_t])
+    return student, teacher
+
+
+@pytest.mark.parametrize('batch,local_numbers,tokens', [
+    (2, [4], [4, 1]),          # one local size
+    (3, [2, 2], [9, 4, 1]),    # two local sizes (6 2 / 96 128 style)
+    (1, [], [4]),              # no local crops
+    (2, [1, 3, 2], [4, 9, 1, 2]),
+])
+def test_ddino_loss_matches_naive(batch, local_numbers, tokens):
+    ncrops = 2 + sum(local_numbers)
+    crops_per_group = [2] + [n for n in local_numbers if n]
+    student, teacher = random_outputs(batch, crops_per_group, tokens)
+    loss_fn = DDINOLoss(7, ncrops, 0.04, 0.07, 3, 10, local_crops_number=local_numbers or [0])
+    g = torch.Generator().manual_seed(5)
+    loss_fn.center.copy_(torch.randn(1, 7, generator=g))
+    loss_fn.center_grid.copy_(torch.randn(1, 7, generator=g))
+    epoch = 1
+    temp = 0.04 + (0.07 - 0.04) * epoch / 2  # linspace(0.04, 0.07, 3)[1]
+    crop_tokens = [n for c, n in zip(crops_per_group, tokens) for _ in range(c)]
+    expected = naive_ddino(student[0].tolist(), student[1].tolist(), student[2].tolist(), crop_tokens,
+                           teacher[0].tolist(), teacher[1].tolist(), teacher[2].tolist(), tokens[0], batch, temp,
+                           loss_fn.center[0].tolist(), loss_fn.center_grid[0].tolist())
+    loss = loss_fn(student, teacher, epoch)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dino_loss_matches_naive():
+    batch, ncrops, K = 3, 5, 6
+    g = torch.Generator().manual_seed(1)
+    s_cls, t_cls = torch.randn(ncrops * batch, K, generator=g), torch.randn(2 * batch, K, generator=g)
+    loss_fn = DINOLoss(K, ncrops, 0.04, 0.04, 0, 10)
+    loss_fn.center.copy_(torch.randn(1, K, generator=g))
+    expected = naive_ddino(s_cls.tolist(), None, None, [0] * ncrops, t_cls.tolist(), [], [], 0, batch, 0.04,
+                           loss_fn.center[0].tolist(), None, dense=False)
+    assert loss_fn(s_cls, t_cls, 0).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_centers_follow_ema_of_raw_teacher_output():
+    student, teacher = random_outputs(2, [2, 3], [4, 1], K=7)
+    loss_fn = DDINOLoss(7, 5, 0.04, 0.04, 0, 10)
+    loss_fn(student, teacher, 0)
+    torch.testing.assert_close(loss_fn.center, 0.1 * teacher[0].mean(0, keepdim=True))
+    torch.testing.assert_close(loss_fn.center_grid, 0.1 * teacher[1].mean(0, keepdim=True))
+    loss_fn(student, teacher, 0)
+    torch.testing.assert_close(loss_fn.center, 0.19 * teacher[0].mean(0, keepdim=True))
+    assert loss_fn.center.shape == loss_fn.center_grid.shape == (1, 7)
+
+
+def test_region_loss_gradient_matches_naive_autograd():
+    """The vectorised loss has the gradient of the looped formula (the matched indices carry no gradient)."""
+    student, teacher = random_outputs(2, [2, 2], [4, 1], K=5, C=3, seed=3)
+    s_region = student[1].clone().requires_grad_()
+    loss = DDINOLoss(5, 4, 0.04, 0.04, 0, 10)((student[0], s_region, student[2], student[3]), teacher, 0)
+    loss.backward()
+    eps = 1e-3
+    row, col = 9, 2
+    loss_fn = DDINOLoss(5, 4, 0.04, 0.04, 0, 10)
+    plus, minus = student[1].clone(), student[1].clone()
+    plus[row, col] += eps
+    minus[row, col] -= eps
+    f_plus = loss_fn((student[0], plus, student[2], student[3]), teacher, 0).item()
+    loss_fn.center.zero_(), loss_fn.center_grid.zero_()
+    f_minus = loss_fn((student[0], minus, student[2], student[3]), teacher, 0).item()
+    assert s_region.grad[row, col].item() == pytest.approx((f_plus - f_minus) / (2 * eps), rel=1e-2, abs=1e-5)
+
+
+def test_teacher_temperature_schedule():
+    loss_fn = DINOLoss(4, 4, 0.04, 0.07, 30, 100)
+    assert loss_fn.teacher_temp(0) == pytest.approx(0.04)
+    assert loss_fn.teacher_temp(29) == pytest.approx(0.07)
+    assert loss_fn.teacher_temp(15) == pytest.approx(0.04 + 0.03 * 15 / 29)
+    assert loss_fn.teacher_temp(99) == pytest.approx(0.07)
+    assert loss_fn.teacher_temp(150) == pytest.approx(0.07)  # past the schedule: last value
+
+
+def test_mismatched_crop_layout_is_a_clear_error():
+    student, teacher = random_outputs(2, [2, 4], [4, 1])
+    loss_fn = DDINOLoss(7, 6, 0.04, 0.04, 0, 10, local_crops_number=[2, 2])
+    with pytest.raises(ValueError, match='resolution groups'):
+        loss_fn(student, teacher, 0)
+    with pytest.raises(ValueError, match='add up'):
+        DDINOLoss(7, 6, 0.04, 0.04, 0, 10, local_crops_number=[2, 1])
