@@ -17,9 +17,10 @@ import torch
 import torch.nn as nn
 
 import utils
-from config import config as global_config, save_config, update_config
-from datasets import DataAugmentationDINO, build_dataset, build_loader, demo_data_path
-from models import DDINOLoss, DINOHead, DINOLoss, MultiCropWrapper, build_model, model_name_for_arch
+from config import get_default_config, save_config, update_config
+from datasets import build_dataset, build_loader, build_transform, demo_data_path, set_epoch
+from models import (DDINOLoss, DINOHead, DINOLoss, MultiCropWrapper, build_model, convert_sync_batchnorm,
+                    model_name_for_arch)
 
 DEMO_CFG = 'experiments/cpu/swin_demo.yaml'
 # What a bare `python main_esvit.py` trains: the small Swin on the embedded Fashion-MNIST subset.
@@ -117,9 +118,9 @@ def load_config(args):
     if args.cfg is None and args.arch:
         model_name = model_name_for_arch(args.arch)
         args.opts = ['MODEL.NAME', model_name] + list(args.opts or [])
-    update_config(global_config, args)
-    model_name_for_arch(args.arch, global_config.MODEL.NAME)
-    return global_config
+    config = update_config(get_default_config(), args)
+    model_name_for_arch(args.arch, config.MODEL.NAME)
+    return config
 
 
 def build_student_teacher(args, config):
@@ -132,6 +133,9 @@ def build_student_teacher(args, config):
         return MultiCropWrapper(backbone, head(), head() if args.use_dense_prediction else None)
 
     student, teacher = network(False), network(True)
+    if utils.get_world_size() > 1 and utils.has_batchnorms(student):
+        student = convert_sync_batchnorm(student, args.device)
+        teacher = convert_sync_batchnorm(teacher, args.device)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
@@ -205,9 +209,9 @@ class Trainer:
         (a 0-d tensor; a non-finite loss raises before the weights are touched)."""
         args = self.args
         for i, group in enumerate(self.optimizer.param_groups):
-            group['lr'] = self.schedules.lr[it]
+            group['lr'] = float(self.schedules.lr[it])
             if i == 0:  # only the first group is regularised
-                group['weight_decay'] = self.schedules.wd[it]
+                group['weight_decay'] = float(self.schedules.wd[it])
 
         crops = [c.to(args.device, non_blocking=True) for c in crops]
         with self.autocast():
@@ -324,9 +328,7 @@ def train_esvit(args):
 
     # ============ data ============
     data_path = args.data_path or demo_data_path('train')
-    transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                                     args.local_crops_size, global_crops_size=config.TRAIN.IMAGE_SIZE[0],
-                                     aug_opt=args.aug_opt)
+    transform = build_transform(args, global_crops_size=config.TRAIN.IMAGE_SIZE[0])
     dataset = build_dataset(data_path, transform, zip_mode=args.zip_mode, on_bad_image=args.on_bad_image)
     data_loader = build_loader(dataset, args.batch_size_per_gpu, args.num_workers,
                                distributed=utils.get_world_size() > 1, seed=args.seed)
@@ -363,8 +365,8 @@ def train_esvit(args):
     start_time = time.time()
     print(f"Starting EsViT training from epoch {start_epoch}")
     for epoch in range(start_epoch, args.epochs):
-        if hasattr(data_loader.sampler, 'set_epoch'):
-            data_loader.sampler.set_epoch(epoch)
+        set_epoch(data_loader, epoch)
+        utils.fix_random_seeds(args.seed + 1000 * epoch + args.rank)  # an epoch replays the same after a resume
         try:
             train_stats = trainer.train_one_epoch(data_loader, epoch, log)
         except NonFiniteLoss as e:

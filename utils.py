@@ -32,11 +32,13 @@ def bool_flag(s):
 def run_main(main, args):
     """Run ``main(args)``; a :class:`UserError` (or another known input error) becomes one line on stderr."""
     from config import ConfigError
+    from datasets import DataError
     from models import UnknownModelError
     try:
         main(args)
-    except (UserError, ConfigError, UnknownModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, ConfigError, UnknownModelError, DataError) as e:
+        # errors raised in a DataLoader worker carry the worker's traceback after the first line
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -3,8 +3,10 @@ from .registry import build_model, model_name_for_arch, register_model, register
 from .head import DINOHead
 from .multicrop import MultiCropWrapper
 from .losses import DINOLoss, DDINOLoss
+from .sync_batchnorm import convert_sync_batchnorm
 
 # Importing a backbone module registers its builder.
 from . import swin_transformer  # noqa: F401
 from . import resnet  # noqa: F401
 from . import cvt_transformer  # noqa: F401
+from . import vision_longformer  # noqa: F401

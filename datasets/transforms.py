@@ -1,0 +1,152 @@
+"""Multi-crop augmentations of self-supervised pre-training, selected by `--aug-opt`.
+
+Every transform maps one PIL image to a list of tensors: the two global views first, then the local views
+group by group, in the order of `local_crops_size` (e.g. numbers [6, 2] and sizes [96, 128] give
+2 x 224, 6 x 96, 2 x 128). `crop_sizes()` tells the model side that layout.
+"""
+from collections.abc import Sequence
+
+import torch
+from PIL import ImageFilter
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, Sequence) else [value]
+
+
+def local_crop_groups(local_crops_number, local_crops_size):
+    """[(count, size)] of the local views; ints are accepted for a single group."""
+    numbers, sizes = _as_list(local_crops_number), _as_list(local_crops_size)
+    if len(numbers) != len(sizes):
+        raise ValueError(f"local_crops_number {numbers} and local_crops_size {sizes} must have the same length")
+    if any(count < 0 for count in numbers):
+        raise ValueError(f"local_crops_number {numbers} must not be negative")
+    return [(int(count), int(size)) for count, size in zip(numbers, sizes)]
+
+
+class PILGaussianBlur:
+    """Gaussian blur of a PIL image, sigma (PIL's radius, in pixels) uniform in `sigma`.
+
+    PIL's blur is ~7x faster on one core than torchvision's GaussianBlur (a dense 2-D convolution of the
+    tensor) and is the blur of the original code, with no kernel truncation.
+    """
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, image):
+        radius = torch.empty(1).uniform_(*self.sigma).item()
+        return image.filter(ImageFilter.GaussianBlur(radius=radius))
+
+    def __repr__(self):
+        return f"{type(self).__name__}(sigma={self.sigma})"
+
+
+class MultiCropTransform:
+    """Applies two global views and the local view groups to one image; subclasses build the views."""
+
+    def __init__(self, global_views, local_views, global_crops_size, local_groups):
+        assert len(global_views) == 2 and len(local_views) == len(local_groups)
+        self.global_views = global_views
+        self.local_views = local_views
+        self.global_crops_size = global_crops_size
+        self.local_groups = local_groups
+
+    def __call__(self, image):
+        crops = [view(image) for view in self.global_views]
+        for view, (count, _) in zip(self.local_views, self.local_groups):
+            crops.extend(view(image) for _ in range(count))
+        return crops
+
+    def crop_sizes(self):
+        """Side length of every returned crop, in order."""
+        local_sizes = [size for count, size in self.local_groups for _ in range(count)]
+        return [self.global_crops_size] * 2 + local_sizes
+
+    def __len__(self):
+        return 2 + sum(count for count, _ in self.local_groups)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(crop_sizes={self.crop_sizes()})"
+
+
+class DataAugmentationDINO(MultiCropTransform):
+    """DINO multi-crop: bicubic random resized crops, flip, colour jitter, grayscale, blur, solarisation.
+
+    Blur is applied with probability 1.0 to the first global view, 0.1 to the second (which is also
+    solarised with probability 0.2) and 0.5 to the local views. All steps but the last two act on the PIL
+    image, converted to a tensor once per view.
+    """
+
+    def __init__(self, global_crops_scale, local_crops_scale, local_crops_number, local_crops_size=96,
+                 global_crops_size=224):
+        flip_and_color_jitter = [
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ]
+
+        def view(size, scale, blur_p, solarize_p=0.0):
+            steps = [
+                T.RandomResizedCrop(size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
+                *flip_and_color_jitter,
+                T.RandomApply([PILGaussianBlur()], p=blur_p),
+            ]
+            if solarize_p:
+                steps.append(T.RandomSolarize(threshold=128, p=solarize_p))
+            steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+            return T.Compose(steps)
+
+        local_groups = local_crop_groups(local_crops_number, local_crops_size)
+        global_views = [view(global_crops_size, global_crops_scale, blur_p=1.0),
+                        view(global_crops_size, global_crops_scale, blur_p=0.1, solarize_p=0.2)]
+        local_views = [view(size, local_crops_scale, blur_p=0.5) for _, size in local_groups]
+        super().__init__(global_views, local_views, global_crops_size, local_groups)
+
+
+class DataAugmentationDEIT(MultiCropTransform):
+    """DeiT training transform (timm: RandAugment, colour jitter, random erasing) for every view."""
+
+    def __init__(self, local_crops_number, local_crops_size=96, global_crops_size=224, color_jitter=0.4,
+                 auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic', re_prob=0.25, re_mode='pixel',
+                 re_count=1):
+        from timm.data import create_transform
+
+        def view(size):
+            return create_transform(input_size=size, is_training=True, color_jitter=color_jitter,
+                                    auto_augment=auto_augment, interpolation=interpolation,
+                                    re_prob=re_prob, re_mode=re_mode, re_count=re_count)
+
+        local_groups = local_crop_groups(local_crops_number, local_crops_size)
+        super().__init__([view(global_crops_size), view(global_crops_size)],
+                         [view(size) for _, size in local_groups], global_crops_size, local_groups)
+
+
+def _dino_from_args(args, global_crops_size):
+    return DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                                args.local_crops_size, global_crops_size)
+
+
+def _deit_from_args(args, global_crops_size):
+    return DataAugmentationDEIT(args.local_crops_number, args.local_crops_size, global_crops_size,
+                                color_jitter=getattr(args, 'color_jitter', 0.4),
+                                auto_augment=getattr(args, 'aa', 'rand-m9-mstd0.5-inc1'),
+                                interpolation=getattr(args, 'train_interpolation', 'bicubic'),
+                                re_prob=getattr(args, 'reprob', 0.25), re_mode=getattr(args, 'remode', 'pixel'),
+                                re_count=getattr(args, 'recount', 1))
+
+
+AUGMENTATIONS = {'dino_aug': _dino_from_args, 'deit_aug': _deit_from_args}
+
+
+def build_transform(args, global_crops_size=224):
+    """The `--aug-opt` multi-crop transform from parsed arguments (argument names of main_esvit.py)."""
+    if args.aug_opt not in AUGMENTATIONS:
+        raise ValueError(f"unknown --aug-opt '{args.aug_opt}'; supported: {', '.join(AUGMENTATIONS)} "
+                         f"(mocov2_aug and basic_aug are named in the original help but never implemented)")
+    return AUGMENTATIONS[args.aug_opt](args, global_crops_size)

@@ -1,0 +1,150 @@
+"""End-to-end pretraining on CPU: training lowers the loss, checkpoints, logs, resume, torchrun."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main_esvit
+import utils
+from conftest import ROOT
+
+# A tiny Swin (2 blocks) at 32 px global / 16 px local crops keeps each epoch to a few seconds.
+TINY = ['--cfg', 'experiments/cpu/swin_demo.yaml', '--arch', 'swin_tiny', '--out_dim', '256',
+        '--local_crops_number', '2', '--local_crops_size', '16', '--batch_size_per_gpu', '8',
+        '--num_workers', '0', '--warmup_epochs', '0', '--lr', '0.005', '--use_dense_prediction', 'True',
+        '--norm_last_layer', 'false', '--print_freq', '100', '--saveckp_freq', '1', '--momentum_teacher', '0.9']
+TINY_OPTS = ['MODEL.SPEC.DEPTHS', '[1, 1]', 'MODEL.SPEC.NUM_HEADS', '[1, 2]', 'MODEL.SPEC.DIM_EMBED', '16',
+             'TRAIN.IMAGE_SIZE', '[32, 32]']
+
+
+def command(*flags, view_only=False):
+    """The tiny run's command line with extra flags (the trailing config overrides come last)."""
+    base = [a if not (view_only and a == 'True') else 'False' for a in TINY]
+    return base + list(flags) + TINY_OPTS
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    """32 real Fashion-MNIST images of 4 classes, taken from the embedded demo data."""
+    from datasets import demo_data_path
+    source = demo_data_path('train')
+    root = tmp_path_factory.mktemp('tiny_data')
+    for cls in sorted(os.listdir(source))[:4]:
+        os.makedirs(root / cls)
+        for name in sorted(os.listdir(os.path.join(source, cls)))[:8]:
+            shutil.copy(os.path.join(source, cls, name), root / cls / name)
+    return str(root)
+
+
+def run(argv):
+    os.chdir(ROOT)
+    args = main_esvit.parse_args(argv)
+    main_esvit.train_esvit(args)
+    return args
+
+
+def read_log(output_dir):
+    with open(os.path.join(output_dir, 'log.txt')) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_two_epochs_lower_the_loss_and_write_checkpoint_and_log(tiny_data, tmp_path):
+    out = str(tmp_path / 'run')
+    run(command('--data_path', tiny_data, '--output_dir', out, '--epochs', '2'))
+    log = read_log(out)
+    assert [entry['epoch'] for entry in log] == [0, 1]
+    assert log[1]['train_loss'] < log[0]['train_loss']
+    for name in ('checkpoint.pth', 'checkpoint0000.pth', 'checkpoint0001.pth', 'config.yaml'):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert os.listdir(os.path.join(out, 'tb'))
+    ckpt = torch.load(os.path.join(out, 'checkpoint.pth'), weights_only=True)
+    assert set(ckpt) == {'student', 'teacher', 'optimizer', 'epoch', 'args', 'dino_loss'}
+    assert ckpt['epoch'] == 2 and isinstance(ckpt['args'], dict)
+    assert all(k.startswith('module.') for k in ckpt['student'])
+    assert not any(k.startswith('module.') for k in ckpt['teacher'])  # no BatchNorm: bare teacher, as the original
+    assert {'center', 'center_grid'} <= set(ckpt['dino_loss'])
+    assert any(k.startswith('module.head_dense.') for k in ckpt['student'])
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_epoch_one_reaches_the_same_state(tiny_data, tmp_path, monkeypatch):
+    straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+    run(command('--data_path', tiny_data, '--epochs', '2', '--output_dir', straight))
+
+    train_one_epoch = main_esvit.Trainer.train_one_epoch
+
+    def killed_in_second_epoch(self, data_loader, epoch, log):
+        if epoch == 1:
+            raise Killed
+        return train_one_epoch(self, data_loader, epoch, log)
+    monkeypatch.setattr(main_esvit.Trainer, 'train_one_epoch', killed_in_second_epoch)
+    with pytest.raises(Killed):
+        run(command('--data_path', tiny_data, '--epochs', '2', '--output_dir', resumed))
+    monkeypatch.undo()
+    run(command('--data_path', tiny_data, '--epochs', '2', '--output_dir', resumed))  # the same command again resumes at the second epoch
+    assert [entry['epoch'] for entry in read_log(resumed)] == [0, 1]
+    a = torch.load(os.path.join(straight, 'checkpoint.pth'), weights_only=True)
+    b = torch.load(os.path.join(resumed, 'checkpoint.pth'), weights_only=True)
+    assert a['epoch'] == b['epoch'] == 2
+    for part in ('student', 'teacher', 'dino_loss'):
+        for key in a[part]:
+            torch.testing.assert_close(a[part][key], b[part][key], rtol=1e-5, atol=1e-6, msg=f'{part} {key}')
+
+
+def test_training_step_lowers_the_loss_on_a_fixed_batch(tiny_data, tmp_path):
+    args = main_esvit.parse_args(command('--data_path', tiny_data, '--output_dir', str(tmp_path), '--epochs', '10'))
+    utils.init_distributed_mode(args)
+    torch.manual_seed(0)
+    config = main_esvit.load_config(args)
+    student, teacher = main_esvit.build_student_teacher(args, config)
+    loss_fn = main_esvit.build_loss(args)
+    optimizer = main_esvit.build_optimizer(args, student)
+    trainer = main_esvit.Trainer(args, student, teacher, loss_fn, optimizer, main_esvit.Schedules(args, 4))
+    crops = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32), torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)]
+    losses = [trainer.step(crops, epoch=1, it=4 + i) for i in range(6)]
+    assert losses[-1] < losses[0]
+
+
+def test_view_only_run_continues_with_region_loss(tiny_data, tmp_path):
+    view_only, continued = str(tmp_path / 'v'), str(tmp_path / 'vr')
+    run(command('--data_path', tiny_data, '--output_dir', view_only, '--epochs', '1', view_only=True))
+    v_ckpt = torch.load(os.path.join(view_only, 'checkpoint.pth'), weights_only=True)
+    assert not any('head_dense' in k for k in v_ckpt['student'])
+    run(command('--data_path', tiny_data, '--output_dir', continued, '--epochs', '2',
+                '--pretrained_weights_ckpt', os.path.join(view_only, 'checkpoint.pth')))
+    vr_ckpt = torch.load(os.path.join(continued, 'checkpoint.pth'), weights_only=True)
+    assert any('head_dense' in k for k in vr_ckpt['student']) and 'center_grid' in vr_ckpt['dino_loss']
+
+
+def test_non_finite_loss_saves_state_and_exits_with_a_message(tiny_data, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / 'nan')
+    original = main_esvit.DDINOLoss.forward
+    monkeypatch.setattr(main_esvit.DDINOLoss, 'forward', lambda self, *a: original(self, *a) * float('nan'))
+    args = main_esvit.parse_args(command('--data_path', tiny_data, '--output_dir', out, '--epochs', '1'))
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_main(main_esvit.train_esvit, args)
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'loss is nan' in err[0] and 'checkpoint_NaN.pth' in err[0]
+    assert os.path.isfile(os.path.join(out, 'checkpoint_NaN.pth'))
+
+
+def test_torchrun_two_processes_on_cpu(tiny_data, tmp_path):
+    out = str(tmp_path / 'ddp')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29533',
+           'main_esvit.py'] + command('--data_path', tiny_data, '--output_dir', out, '--epochs', '1',
+                                      '--batch_size_per_gpu', '4')
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = read_log(out)
+    assert len(log) == 1 and log[0]['train_loss'] > 0
+    ckpt = torch.load(os.path.join(out, 'checkpoint.pth'), weights_only=True)
+    assert ckpt['args']['world_size'] == 2
