@@ -2,7 +2,8 @@
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+
+from .layers import init_linear_weights
 
 
 class WeightNormLinear(nn.Module):
@@ -45,17 +46,10 @@ class DINOHead(nn.Module):
                 layers.append(nn.GELU())
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
-        self.apply(self._init_weights)
+        self.apply(init_linear_weights)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         if norm_last_layer:
             self.last_layer.weight_g.requires_grad = False
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
 
     def forward(self, x):  # ... x in_dim -> ... x out_dim
         x = self.mlp(x)

@@ -23,6 +23,8 @@ class MultiCropWrapper(nn.Module):
 
     def __init__(self, backbone, head, head_dense=None):
         super().__init__()
+        if isinstance(getattr(backbone, 'head', None), nn.Module):
+            backbone.head = nn.Identity()  # the projection heads replace a classifier (MODEL.NUM_CLASSES > 0)
         self.backbone = backbone
         self.head = head
         self.head_dense = head_dense

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 
 from .registry import register_model
+from .layers import init_linear_weights
 
 SHIFT_MASK_VALUE = -100.0  # additive attention mask between tokens of different shifted-window regions
 
@@ -249,17 +250,7 @@ class SwinTransformer(nn.Module):
                 downsample=i < len(depths) - 1))
         self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        self.apply(init_linear_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self):

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 
 from .registry import register_model
+from .layers import init_linear_weights
 
 ARCH_DEFAULTS = {'l': 1, 'h': 3, 'd': 192, 'n': 1, 's': 1, 'g': 1, 'p': 2, 'f': 7, 'a': 1, 'r': 0}
 LONGFORMER_ATTN_TYPES = ('longformerhand', 'longformerauto')  # same maths (hand-written vs autograd backward)
@@ -426,17 +427,7 @@ class MsViT(nn.Module):
                                              drop_rate, longformer, share_w, only_global, mode))
             in_dim = cfg['d']
         self.norm = norm_layer(self.num_features)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        self.apply(init_linear_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self):
