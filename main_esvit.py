@@ -242,6 +242,10 @@ class Trainer:
         return loss_value
 
     def train_one_epoch(self, data_loader, epoch, log):
+        for network in (self.student, self.teacher):
+            backbone = getattr(network, 'module', network).backbone
+            if hasattr(backbone, 'set_epoch'):  # schedule-dependent backbones (ViL's attention-mode switch)
+                backbone.set_epoch(epoch, self.args.epochs)
         metric_logger = utils.MetricLogger()
         header = f'Epoch: [{epoch}/{self.args.epochs}]'
         images_per_iter = self.args.batch_size_per_gpu * utils.get_world_size()

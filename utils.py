@@ -117,7 +117,7 @@ def has_batchnorms(model):
 # ---------------------------------------------------------------------------------------------------------
 def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
     """Per-iteration values: linear warm-up from ``start_warmup_value``, then cosine to ``final_value``."""
-    warmup_iters = int(warmup_epochs * niter_per_ep)
+    warmup_iters = min(int(warmup_epochs * niter_per_ep), epochs * niter_per_ep)  # a run shorter than its warm-up
     warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
     iters = np.arange(epochs * niter_per_ep - warmup_iters)
     schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / max(len(iters), 1)))

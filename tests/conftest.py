@@ -1,6 +1,7 @@
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,3 +37,16 @@ def make_config(cfg=None, opts=()):
     config = get_default_config()
     update_config(config, argparse.Namespace(cfg=str(ROOT / cfg) if cfg else None, opts=list(opts)))
     return config
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory):
+    """32 real Fashion-MNIST images of 4 classes, taken from the embedded demo data."""
+    from datasets import demo_data_path
+    source = demo_data_path('train')
+    root = tmp_path_factory.mktemp('tiny_data')
+    for cls in sorted(os.listdir(source))[:4]:
+        os.makedirs(root / cls)
+        for name in sorted(os.listdir(os.path.join(source, cls)))[:8]:
+            shutil.copy(os.path.join(source, cls, name), root / cls / name)
+    return str(root)

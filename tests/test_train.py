@@ -1,7 +1,6 @@
 """End-to-end pretraining on CPU: training lowers the loss, checkpoints, logs, resume, torchrun."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -25,19 +24,6 @@ def command(*flags, view_only=False):
     """The tiny run's command line with extra flags (the trailing config overrides come last)."""
     base = [a if not (view_only and a == 'True') else 'False' for a in TINY]
     return base + list(flags) + TINY_OPTS
-
-
-@pytest.fixture(scope='module')
-def tiny_data(tmp_path_factory):
-    """32 real Fashion-MNIST images of 4 classes, taken from the embedded demo data."""
-    from datasets import demo_data_path
-    source = demo_data_path('train')
-    root = tmp_path_factory.mktemp('tiny_data')
-    for cls in sorted(os.listdir(source))[:4]:
-        os.makedirs(root / cls)
-        for name in sorted(os.listdir(os.path.join(source, cls)))[:8]:
-            shutil.copy(os.path.join(source, cls, name), root / cls / name)
-    return str(root)
 
 
 def run(argv):
