@@ -9,6 +9,7 @@ import argparse
 import datetime
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -64,6 +65,9 @@ def get_args_parser():
     p.add_argument('--clip_mode', default='per_tensor', choices=['per_tensor', 'global'],
                    help="per_tensor clips each parameter's gradient (the original); global clips their joint norm")
     p.add_argument('--batch_size_per_gpu', default=64, type=int)
+    p.add_argument('--accum_iter', default=1, type=int,
+                   help='micro-batches per optimizer step (gradient accumulation): the effective batch is '
+                        'batch_size_per_gpu x processes x accum_iter, and lr scales with it')
     p.add_argument('--epochs', default=100, type=int)
     p.add_argument('--freeze_last_layer', default=1, type=int,
                    help='epochs during which the last layer of the heads stays fixed')
@@ -93,9 +97,17 @@ def get_args_parser():
                    help='start from this checkpoint (e.g. a view-only run continued with V+R)')
     p.add_argument('--output_dir', default='.', type=str)
     p.add_argument('--saveckp_freq', default=5, type=int, help='also keep checkpoint{epoch:04}.pth every N epochs')
+    p.add_argument('--saveckp_iters', default=0, type=int,
+                   help='also write checkpoint.pth every N optimizer steps inside an epoch; a resume continues '
+                        'from that step (0: only at the end of each epoch)')
     p.add_argument('--seed', default=0, type=int)
     p.add_argument('--num_workers', default=10, type=int)
     p.add_argument('--print_freq', default=10, type=int)
+    p.add_argument('--knn_freq', default=None, type=int,
+                   help='k-NN accuracy of the teacher every N epochs and after the last; 0: never '
+                        '(default 0, the demo: after the last epoch)')
+    p.add_argument('--knn_data_path', default=None, type=str,
+                   help='folder with train/ and val/ for --knn_freq (default for the demo: the demo data)')
     p.add_argument('--dist_url', default='env://', type=str)
     p.add_argument('--local_rank', '--local-rank', default=0, type=int, help='set by torch.distributed.launch')
     p.add_argument('opts', default=None, nargs=argparse.REMAINDER, help='config overrides: KEY VALUE ...')
@@ -109,6 +121,8 @@ def parse_args(argv=None):
         parser.set_defaults(**DEMO_DEFAULTS, cfg=DEMO_CFG)
         args = parser.parse_args(argv)
         args.demo = True
+    if args.knn_freq is None:
+        args.knn_freq = args.epochs if getattr(args, 'demo', False) else 0
     return args
 
 
@@ -171,13 +185,18 @@ def resolve_precision(args):
     return dtype, precision == 'fp16'
 
 
+def images_per_step(args):
+    """The effective batch: images of one optimizer step over all processes and accumulated micro-batches."""
+    return args.batch_size_per_gpu * utils.get_world_size() * args.accum_iter
+
+
 class Schedules:
-    """Per-iteration lr, weight decay and teacher momentum."""
+    """Per-optimizer-step lr, weight decay and teacher momentum."""
 
     def __init__(self, args, iters_per_epoch):
-        total_batch = args.batch_size_per_gpu * utils.get_world_size()
-        self.lr = utils.cosine_scheduler(args.lr * total_batch / 256., args.min_lr, args.epochs, iters_per_epoch,
-                                         warmup_epochs=args.warmup_epochs)
+        self.iters_per_epoch = iters_per_epoch
+        self.lr = utils.cosine_scheduler(args.lr * images_per_step(args) / 256., args.min_lr, args.epochs,
+                                         iters_per_epoch, warmup_epochs=args.warmup_epochs)
         self.wd = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
         self.momentum = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, iters_per_epoch)
 
@@ -198,37 +217,43 @@ class Trainer:
         pairs = list(zip(student_without_ddp.parameters(), teacher_without_ddp.parameters()))
         self.ema_student = [s for s, _ in pairs]
         self.ema_teacher = [t for _, t in pairs]
+        self.loss_fn.defer_center_update = True  # the centers move once per optimizer step (optimizer_step)
+        self.stop = utils.GracefulStop()          # active around the training loop (train_esvit)
 
     def autocast(self):
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(self.args.device.type, dtype=self.autocast_dtype)
 
-    def step(self, crops, epoch, it):
-        """Student on all crops, teacher on the two globals, loss, backward, clip, step, EMA. Returns the loss
-        (a 0-d tensor; a non-finite loss raises before the weights are touched)."""
-        args = self.args
-        for i, group in enumerate(self.optimizer.param_groups):
-            group['lr'] = float(self.schedules.lr[it])
-            if i == 0:  # only the first group is regularised
-                group['weight_decay'] = float(self.schedules.wd[it])
-
-        crops = [c.to(args.device, non_blocking=True) for c in crops]
+    def forward_loss(self, crops, epoch, it):
+        """Student on all crops, teacher on the two globals: the loss (a 0-d tensor). A loss that is not finite
+        in any process raises NonFiniteLoss in every process, before anything is updated."""
+        crops = [c.to(self.args.device, non_blocking=True) for c in crops]
         with self.autocast():
             with torch.no_grad():
                 teacher_output = self.teacher(crops[:2])   # only the 2 global views pass through the teacher
             student_output = self.student(crops)
             loss = self.loss_fn(student_output, teacher_output, epoch)
-
         loss_value = loss.item()
-        if not math.isfinite(loss_value):
+        if utils.any_process(not math.isfinite(loss_value), self.args.device):
             raise NonFiniteLoss(loss_value, epoch, it)
+        return loss
 
-        self.optimizer.zero_grad(set_to_none=True)
+    def backward(self, loss):
         if self.scaler is None:
             loss.backward()
         else:
             self.scaler.scale(loss).backward()
+
+    def optimizer_step(self, epoch, it):
+        """lr and weight decay of step ``it``, gradient clipping, the update, the teacher EMA and the centers'
+        update; the gradients are cleared for the next step."""
+        args = self.args
+        for i, group in enumerate(self.optimizer.param_groups):
+            group['lr'] = float(self.schedules.lr[it])
+            if i == 0:  # only the first group is regularised
+                group['weight_decay'] = float(self.schedules.wd[it])
+        if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if args.clip_grad:
             utils.clip_gradients(self.student, args.clip_grad, args.clip_mode)
@@ -239,20 +264,57 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         utils.ema_update(self.ema_teacher, self.ema_student, float(self.schedules.momentum[it]))
-        return loss_value
+        self.loss_fn.update_center()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, *micro_batches, epoch, it):
+        """One optimizer step on the crops of one batch, or of K micro-batches (--accum_iter K) whose losses
+        are averaged: DDP averages the gradients over processes once, on the last micro-batch. Returns the
+        loss averaged over micro-batches and processes."""
+        loss_sum = 0.
+        for i, crops in enumerate(micro_batches):
+            accumulate = i < len(micro_batches) - 1 and hasattr(self.student, 'no_sync')
+            with self.student.no_sync() if accumulate else nullcontext():
+                loss = self.forward_loss(crops, epoch, it) / len(micro_batches)
+                self.backward(loss)
+            loss_sum += loss.detach()
+        self.optimizer_step(epoch, it)
+        return utils.global_mean(loss_sum)
+
+    def save_position(self, epoch, step):
+        """checkpoint.pth after ``step`` optimizer steps of ``epoch``."""
+        state = checkpoint_state(self.student, self.teacher, self.optimizer, epoch, self.args, self.loss_fn,
+                                 self.scaler, epoch_images=step * images_per_step(self.args))
+        utils.save_checkpoint(state, os.path.join(self.args.output_dir, 'checkpoint.pth'))
 
     def train_one_epoch(self, data_loader, epoch, log):
+        """Train ``epoch``, or its rest after a mid-epoch resume (see ``set_epoch``): one optimizer step per
+        --accum_iter micro-batches. checkpoint.pth records the position every --saveckp_iters steps and,
+        when any process received SIGTERM / SIGINT, after the current step; :class:`Stopped` is raised then."""
         for network in (self.student, self.teacher):
             backbone = getattr(network, 'module', network).backbone
             if hasattr(backbone, 'set_epoch'):  # schedule-dependent backbones (ViL's attention-mode switch)
                 backbone.set_epoch(epoch, self.args.epochs)
+        args = self.args
+        steps_per_epoch = self.schedules.iters_per_epoch
+        step = steps_per_epoch - len(data_loader) // args.accum_iter  # > 0 when resumed inside this epoch
         metric_logger = utils.MetricLogger()
-        header = f'Epoch: [{epoch}/{self.args.epochs}]'
-        images_per_iter = self.args.batch_size_per_gpu * utils.get_world_size()
-        for i, (crops, _) in enumerate(metric_logger.log_every(data_loader, self.args.print_freq, header,
-                                                                images_per_iter)):
-            it = len(data_loader) * epoch + i  # global iteration
-            loss = self.step(crops, epoch, it)
+        header = f'Epoch: [{epoch}/{args.epochs}]'
+        micro_batches = []
+        for crops, _ in metric_logger.log_every(data_loader, args.print_freq, header,
+                                                args.batch_size_per_gpu * utils.get_world_size()):
+            if not micro_batches and utils.any_process(self.stop.signum is not None, args.device):
+                self.save_position(epoch, step)
+                raise Stopped(self.stop.signum, epoch, step)
+            micro_batches.append(crops)
+            if len(micro_batches) < args.accum_iter:
+                continue
+            it = steps_per_epoch * epoch + step  # global optimizer step
+            utils.fix_random_seeds(args.seed + 1_000_003 * it + args.rank)  # stochastic layers replay after a resume
+            loss = self.step(*micro_batches, epoch=epoch, it=it)
+            micro_batches, step = [], step + 1
+            if args.saveckp_iters and step % args.saveckp_iters == 0 and step < steps_per_epoch:
+                self.save_position(epoch, step)
             lr, wd = self.optimizer.param_groups[0]['lr'], self.optimizer.param_groups[0]['weight_decay']
             metric_logger.update(loss=loss, lr=lr, wd=wd)
             log.scalars(it, **{'train/loss': loss, 'train/lr': lr, 'train/wd': wd,
@@ -269,10 +331,20 @@ class NonFiniteLoss(Exception):
         super().__init__(f"loss is {value} at epoch {epoch}, iteration {it}")
 
 
+class Stopped(Exception):
+    """SIGTERM / SIGINT (``signum``; None where another process received it) ended the training."""
+
+    def __init__(self, signum, epoch, step):
+        self.signum = signum or signal.SIGTERM
+        cause = signal.Signals(signum).name if signum else 'a signal to another process'
+        super().__init__(f"stopped by {cause} at epoch {epoch}, step {step}")
+
+
 # ---------------------------------------------------------------------------------------------------------
-def checkpoint_state(student, teacher, optimizer, epoch, args, loss_fn, scaler):
+def checkpoint_state(student, teacher, optimizer, epoch, args, loss_fn, scaler, epoch_images=0):
     """The original's checkpoint layout: student keys under ``module.``, teacher keys under ``module.`` only
-    for models with BatchNorm (the original wrapped that teacher in DDP), ``args`` as plain data."""
+    for models with BatchNorm (the original wrapped that teacher in DDP), ``args`` as plain data. A checkpoint
+    inside ``epoch`` also has ``epoch_images``: the images of the epoch's (world-size independent) order done."""
     student = getattr(student, 'module', student)
     teacher = getattr(teacher, 'module', teacher)
     teacher_prefix = 'module.' if utils.has_batchnorms(teacher) else ''
@@ -286,21 +358,23 @@ def checkpoint_state(student, teacher, optimizer, epoch, args, loss_fn, scaler):
     }
     if scaler is not None:
         state['fp16_scaler'] = scaler.state_dict()
+    if epoch_images:
+        state['epoch_images'] = epoch_images
     return state
 
 
 def restore(path, student, teacher, optimizer, loss_fn, scaler, continuation=False):
-    """Load a checkpoint into the running objects; returns its epoch. With ``continuation`` (a view-only run
-    continued with the region loss) the new ``head_dense`` and ``center_grid`` keep their fresh values and
-    the optimizer state is rebuilt."""
+    """Load a checkpoint into the running objects; returns its (epoch, epoch_images). With ``continuation``
+    (a view-only run continued with the region loss) the new ``head_dense`` and ``center_grid`` keep their
+    fresh values and the optimizer state is rebuilt."""
     ckpt = utils.load_checkpoint(path)
     for name, module in (('student', student), ('teacher', teacher)):
         module = getattr(module, 'module', module)
         weights = utils.strip_prefix(ckpt[name])
-        if continuation:
+        if continuation:  # only the region head may be added (or dropped); anything else must match
             fresh = module.state_dict()
-            weights = {k: v for k, v in weights.items() if k in fresh}
-            weights.update({k: v for k, v in fresh.items() if k not in weights})
+            weights = {k: v for k, v in weights.items() if k in fresh or not k.startswith('head_dense.')}
+            weights.update({k: v for k, v in fresh.items() if k.startswith('head_dense.') and k not in weights})
         utils.load_state_dict_checked(module, weights, f"checkpoint {path} ({name})")
     loss_state = dict(ckpt.get('dino_loss', {}))
     if continuation:
@@ -310,18 +384,21 @@ def restore(path, student, teacher, optimizer, loss_fn, scaler, continuation=Fal
         optimizer.load_state_dict(ckpt['optimizer'])
         if scaler is not None and 'fp16_scaler' in ckpt:
             scaler.load_state_dict(ckpt['fp16_scaler'])
-    return int(ckpt.get('epoch', 0))
+    return int(ckpt.get('epoch', 0)), int(ckpt.get('epoch_images', 0))
 
 
 def train_esvit(args):
     utils.init_distributed_mode(args)
-    utils.fix_random_seeds(args.seed + args.rank)
+    utils.fix_random_seeds(args.seed)  # every process builds the same networks (the teacher is not in DDP)
     try:
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as e:
         raise utils.UserError(f"cannot create output dir {args.output_dir}: {e.strerror}") from None
     if not os.access(args.output_dir, os.W_OK):
         raise utils.UserError(f"output dir {args.output_dir} is not writable")
+    if args.accum_iter < 1 or args.saveckp_iters < 0:
+        raise utils.UserError(f"--accum_iter {args.accum_iter} must be at least 1 and --saveckp_iters "
+                              f"{args.saveckp_iters} not negative")
     if len(args.local_crops_number) != len(args.local_crops_size):
         raise utils.UserError(f"--local_crops_number {args.local_crops_number} and --local_crops_size "
                               f"{args.local_crops_size} must have the same length")
@@ -335,11 +412,12 @@ def train_esvit(args):
     transform = build_transform(args, global_crops_size=config.TRAIN.IMAGE_SIZE[0])
     dataset = build_dataset(data_path, transform, zip_mode=args.zip_mode, on_bad_image=args.on_bad_image)
     data_loader = build_loader(dataset, args.batch_size_per_gpu, args.num_workers,
-                               distributed=utils.get_world_size() > 1, seed=args.seed)
+                               distributed=utils.get_world_size() > 1, seed=args.seed, step_batches=args.accum_iter)
     if len(data_loader) == 0:
-        raise utils.UserError(f"{len(dataset)} images in {data_path} are fewer than one batch of "
-                              f"{args.batch_size_per_gpu} per process: lower --batch_size_per_gpu")
-    print(f"Data loaded: {len(dataset)} images, {len(data_loader)} iterations per epoch.")
+        raise utils.UserError(f"{len(dataset)} images in {data_path} are fewer than one optimizer step of "
+                              f"{images_per_step(args)}: lower --batch_size_per_gpu or --accum_iter")
+    print(f"Data loaded: {len(dataset)} images, {len(data_loader) // args.accum_iter} optimizer steps of "
+          f"{images_per_step(args)} images per epoch.")
 
     # ============ networks, loss, optimizer ============
     student, teacher = build_student_teacher(args, config)
@@ -350,41 +428,55 @@ def train_esvit(args):
           f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters.")
     loss_fn = build_loss(args)
     optimizer = build_optimizer(args, student)
-    schedules = Schedules(args, len(data_loader))
+    schedules = Schedules(args, len(data_loader) // args.accum_iter)
     trainer = Trainer(args, student, teacher, loss_fn, optimizer, schedules)
 
     # ============ resume ============
-    start_epoch = 0
+    start_epoch, start_images = 0, 0
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth')
     if os.path.isfile(checkpoint_path):
-        start_epoch = restore(checkpoint_path, student, teacher, optimizer, loss_fn, trainer.scaler)
-        print(f"Resumed from {checkpoint_path} at epoch {start_epoch}")
+        start_epoch, start_images = restore(checkpoint_path, student, teacher, optimizer, loss_fn, trainer.scaler)
+        print(f"Resumed from {checkpoint_path} at epoch {start_epoch}, image {start_images} of the epoch")
     elif args.pretrained_weights_ckpt:
         restore(args.pretrained_weights_ckpt, student, teacher, optimizer, loss_fn, trainer.scaler,
                 continuation=True)
         print(f"Initialised from {args.pretrained_weights_ckpt}")
 
+    online_knn = None
+    if args.knn_freq:
+        from eval_knn import OnlineKNN  # eval_knn imports this module
+        online_knn = OnlineKNN.for_pretraining(args, config)
+
     # ============ training ============
     log = utils.TrainingLog(args.output_dir, enabled=utils.is_main_process())
     start_time = time.time()
     print(f"Starting EsViT training from epoch {start_epoch}")
-    for epoch in range(start_epoch, args.epochs):
-        set_epoch(data_loader, epoch)
-        utils.fix_random_seeds(args.seed + 1000 * epoch + args.rank)  # an epoch replays the same after a resume
-        try:
-            train_stats = trainer.train_one_epoch(data_loader, epoch, log)
-        except NonFiniteLoss as e:
-            nan_path = os.path.join(args.output_dir, 'checkpoint_NaN.pth')
-            utils.save_checkpoint(checkpoint_state(student, teacher, optimizer, epoch + 1, args, loss_fn,
-                                                   trainer.scaler), nan_path)
-            raise utils.UserError(f"{e}: training stopped, state saved to {nan_path}; try a lower --lr, "
-                                  f"--clip_grad, or --use_fp16 false") from None
+    with trainer.stop:  # SIGTERM / SIGINT: the current step ends, checkpoint.pth is written, exit 128 + signal
+        for epoch in range(start_epoch, args.epochs):
+            start_step = start_images // images_per_step(args) if epoch == start_epoch else 0
+            set_epoch(data_loader, epoch, start_batch=start_step * args.accum_iter)
+            try:
+                train_stats = trainer.train_one_epoch(data_loader, epoch, log)
+            except Stopped as e:
+                log.close()
+                print(f"{e}: state saved to {checkpoint_path}; the same command resumes from there", force=True)
+                raise SystemExit(128 + e.signum) from None
+            except NonFiniteLoss as e:
+                nan_path = os.path.join(args.output_dir, 'checkpoint_NaN.pth')
+                utils.save_checkpoint(checkpoint_state(student, teacher, optimizer, epoch + 1, args, loss_fn,
+                                                       trainer.scaler), nan_path)
+                raise utils.UserError(f"{e}: training stopped, state saved to {nan_path}; try a lower --lr, "
+                                      f"--clip_grad, or --use_fp16 false") from None
 
-        state = checkpoint_state(student, teacher, optimizer, epoch + 1, args, loss_fn, trainer.scaler)
-        utils.save_checkpoint(state, checkpoint_path)
-        if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-            utils.save_checkpoint(state, os.path.join(args.output_dir, f'checkpoint{epoch:04}.pth'))
-        log.epoch({**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
+            state = checkpoint_state(student, teacher, optimizer, epoch + 1, args, loss_fn, trainer.scaler)
+            utils.save_checkpoint(state, checkpoint_path)
+            if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+                utils.save_checkpoint(state, os.path.join(args.output_dir, f'checkpoint{epoch:04}.pth'))
+            knn_stats = {}
+            if online_knn is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
+                knn_stats = online_knn(getattr(teacher, 'module', teacher).backbone, epoch)
+                log.scalars(epoch, **{'knn/top1': knn_stats['knn_top1']})
+            log.epoch({**{f'train_{k}': v for k, v in train_stats.items()}, **knn_stats, 'epoch': epoch})
     log.close()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from collections import defaultdict, deque
@@ -51,7 +52,7 @@ def run_main(main, args):
 def init_distributed_mode(args):
     """Set ``args.rank, args.world_size, args.gpu, args.device`` and join the process group when launched by
     torchrun / torch.distributed.launch (env ``RANK``/``WORLD_SIZE``) or SLURM; a plain ``python`` run is a
-    single process without a process group. NCCL on GPU, gloo on CPU."""
+    single process without a process group. NCCL for CUDA tensors (with gloo for CPU ones), gloo on CPU."""
     if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
         args.rank = int(os.environ['RANK'])
         args.world_size = int(os.environ['WORLD_SIZE'])
@@ -67,7 +68,7 @@ def init_distributed_mode(args):
         torch.cuda.set_device(args.gpu)
     args.device = torch.device('cuda', args.gpu) if use_cuda else torch.device('cpu')
     if args.world_size > 1:
-        dist.init_process_group(backend='nccl' if use_cuda else 'gloo', init_method=args.dist_url,
+        dist.init_process_group(backend='cpu:gloo,cuda:nccl' if use_cuda else 'gloo', init_method=args.dist_url,
                                 world_size=args.world_size, rank=args.rank,
                                 timeout=datetime.timedelta(minutes=30))
         dist.barrier()
@@ -100,6 +101,49 @@ def get_rank():
 
 def is_main_process():
     return get_rank() == 0
+
+
+def global_mean(value):
+    """The mean over all processes of a 0-d tensor, as a float (one all-reduce; the value itself without a
+    process group)."""
+    if is_dist():
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= get_world_size()
+    return value.item()
+
+
+def any_process(flag, device):
+    """Whether ``flag`` is true in any process (one all-reduce of a tensor on ``device``)."""
+    if not is_dist():
+        return bool(flag)
+    flags = torch.tensor(float(flag), device=device)
+    dist.all_reduce(flags)
+    return flags.item() > 0
+
+
+class GracefulStop:
+    """While active (``with stop:``), SIGTERM and SIGINT do not end the process: they set ``signum`` and the
+    training loop ends its step, saves a checkpoint and stops. A second signal acts as usual."""
+    signals = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.signals}
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self.previous[signum])
 
 
 def fix_random_seeds(seed):

@@ -7,6 +7,7 @@ message naming the key and where it came from.
 """
 import ast
 import os
+import re
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -85,12 +86,15 @@ def _read_yaml_chain(cfg_file):
     return chain + [(cfg_file, content)]
 
 
+_KEY = re.compile(r'[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*')
+
+
 def _opts_to_dict(opts):
     if len(opts) % 2:
         raise ConfigError(f"command line: config overrides must be KEY VALUE pairs, got an odd list {opts}")
     nested = {}
     for key, value in zip(opts[0::2], opts[1::2]):
-        if not isinstance(key, str) or not key or key.startswith('-') or key.strip('.') != key:
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
             raise ConfigError(f"command line: {key!r} is not a config key (expected e.g. MODEL.NUM_CLASSES)")
         *parents, leaf = key.split('.')
         node = nested

@@ -7,10 +7,13 @@
     dataset = build_dataset(data_path, transform, zip_mode=False, on_bad_image='skip', zip_prefix='')
         -> ImageFolderDataset(data_path) or ZipImageFolder(data_path if a file else data_path/train.zip);
            items (image, class_index); .num_bad_images, .bad_images; DataError for unusable paths
-    loader = build_loader(dataset, batch_size, num_workers, distributed: bool, seed=0, drop_last=True)
-        -> DataLoader with DistributedSampler (distributed) or EpochRandomSampler; both have set_epoch(epoch);
-           pinned memory when CUDA is available, workers seeded from (seed, rank, epoch)
-    set_epoch(loader, epoch)  # before each epoch: reproducible order and augmentations, also after a resume
+    loader = build_loader(dataset, batch_size, num_workers, distributed: bool, seed=0, drop_last=True,
+                          step_batches=1)
+        -> DataLoader with DistributedEpochSampler (distributed) or EpochRandomSampler; the same global
+           order and per-sample augmentation seeds (seed, epoch, index) for any number of processes;
+           pinned memory when CUDA is available; epochs of whole steps of `step_batches` micro-batches
+    set_epoch(loader, epoch, start_batch=0)  # before each epoch: reproducible order and augmentations,
+                                             # also after a resume (start_batch: mid-epoch)
     demo_data_path(split='train' | 'val', cache_dir=None) -> ImageFolder root of the committed
         Fashion-MNIST demo (train: 10 classes x 200, val: 10 classes x 100; 28 x 28 grayscale PNGs)
     fashion_mnist_folder(root, split='train' | 'test', out_dir, per_class=None) -> out_dir, the full
@@ -21,13 +24,13 @@ Data sources and licences: see datasets/fashion_mnist.py.
 from .fashion_mnist import (FASHION_MNIST_CLASSES, demo_data_path, fashion_mnist_folder,
                             load_fashion_mnist)
 from .folder import (DataError, ImageFolderDataset, ZipImageFolder, build_dataset)
-from .loader import EpochRandomSampler, build_loader, set_epoch
+from .loader import DistributedEpochSampler, EpochRandomSampler, build_loader, set_epoch
 from .transforms import (DataAugmentationDEIT, DataAugmentationDINO, MultiCropTransform,
                          build_transform)
 
 __all__ = [
     'FASHION_MNIST_CLASSES', 'demo_data_path', 'fashion_mnist_folder', 'load_fashion_mnist',
     'DataError', 'ImageFolderDataset', 'ZipImageFolder', 'build_dataset',
-    'EpochRandomSampler', 'build_loader', 'set_epoch',
+    'DistributedEpochSampler', 'EpochRandomSampler', 'build_loader', 'set_epoch',
     'DataAugmentationDEIT', 'DataAugmentationDINO', 'MultiCropTransform', 'build_transform',
 ]

@@ -1,14 +1,44 @@
-"""DataLoader for pre-training: shuffled per epoch, one shard per rank when distributed."""
+"""DataLoader for pre-training: shuffled per epoch, one shard per rank when distributed.
+
+The data of an epoch do not depend on the number of processes: the global order is one permutation of
+(seed, epoch); a process takes every ``world_size``-th sample of it (DistributedSampler's interleaving), so
+global batch b of ``world_size`` processes holds exactly the samples of batch b of one process with a
+batch ``world_size`` times larger. Each sample's random augmentations are drawn from a seed of
+(seed, epoch, sample index), not from a worker's random stream. Hence 1 and N processes (or N DataLoader
+workers, or a run resumed mid-epoch) see the same crops of the same images.
+"""
+import itertools
 import random
+import signal
+from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 
-class EpochRandomSampler(RandomSampler):
-    """RandomSampler whose order is a function of (seed, epoch), with set_epoch like DistributedSampler."""
+class StepAlignedSampler:
+    """Sampler mix-in: the epoch ends on a whole optimizer step (``step_batches`` micro-batches of
+    ``batch_size``; the loader drops the rest) and starts at position ``start`` (a mid-epoch resume)."""
+    batch_size = 1
+    step_batches = 1
+    start = 0
+
+    @property
+    def stop(self):
+        n = super().__len__()
+        return n - (n // self.batch_size % self.step_batches) * self.batch_size
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, self.stop)
+
+    def __len__(self):
+        return max(self.stop - self.start, 0)
+
+
+class EpochRandomSampler(StepAlignedSampler, RandomSampler):
+    """RandomSampler whose order is a function of (seed, epoch), with set_epoch like DistributedSampler
+    (the same permutation as DistributedSampler's with one process)."""
 
     def __init__(self, data_source, seed=0):
         super().__init__(data_source, generator=torch.Generator())
@@ -19,41 +49,79 @@ class EpochRandomSampler(RandomSampler):
         self.generator.manual_seed(self.seed + epoch)
 
 
-def seed_worker(worker_id):
-    """Seed numpy and random in a DataLoader worker from its torch seed (loader base seed + worker id)."""
-    worker_seed = torch.initial_seed() % 2 ** 32
-    np.random.seed(worker_seed)
-    random.seed(worker_seed)
+class DistributedEpochSampler(StepAlignedSampler, DistributedSampler):
+    """DistributedSampler without padding (the last ``< world_size`` samples of the order are left out, so
+    no sample is seen twice in an epoch)."""
+
+    def __init__(self, dataset, seed=0, num_replicas=None, rank=None):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
 
 
-def build_loader(dataset, batch_size, num_workers, distributed, seed=0, drop_last=True):
-    """Shuffling loader; call :func:`set_epoch` before each epoch.
+def sample_seed(seed, epoch, index):
+    """The seed of the random augmentations of sample ``index`` in ``epoch``."""
+    return int(np.random.SeedSequence([seed % 2 ** 32, epoch, index]).generate_state(1)[0])
 
-    Workers are started anew each epoch (not persistent) and seeded from (seed, rank, epoch), so an
-    epoch sees the same order and the same augmentations whether or not the run was resumed before it.
+
+@contextmanager
+def seeded_rng(seed):
+    """The CPU random streams of torch, numpy and random seeded with ``seed`` inside the block, restored after."""
+    random_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(random_state)
+            np.random.set_state(numpy_state)
+
+
+class PerSampleSeeds(Dataset):
+    """``dataset`` whose item ``index`` is computed under :func:`sample_seed` (seed, ``epoch``, index)."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        with seeded_rng(sample_seed(self.seed, self.epoch, index)):
+            return self.dataset[index]
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave SIGINT / SIGTERM to the training process, which finishes its step and saves
+    a checkpoint; the workers end with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def build_loader(dataset, batch_size, num_workers, distributed, seed=0, drop_last=True, step_batches=1):
+    """Shuffling loader; call :func:`set_epoch` before each epoch. With ``step_batches`` K (gradient
+    accumulation) an epoch holds a whole number of K micro-batches.
+
+    Workers are started anew each epoch (not persistent), so they see the epoch set by :func:`set_epoch`.
     """
-    if distributed:
-        sampler = DistributedSampler(dataset, shuffle=True, seed=seed)
-        rank = dist.get_rank()
-    else:
-        sampler = EpochRandomSampler(dataset, seed=seed)
-        rank = 0
+    sampler = DistributedEpochSampler(dataset, seed=seed) if distributed else EpochRandomSampler(dataset, seed=seed)
+    sampler.batch_size, sampler.step_batches = batch_size, step_batches
     loader = DataLoader(
-        dataset,
+        PerSampleSeeds(dataset, seed),
         sampler=sampler,
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
-        worker_init_fn=seed_worker,
-        generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals,
     )
-    loader.worker_seed_base = (seed + rank) * 1_000_003  # worker seeds differ across ranks and epochs
     set_epoch(loader, 0)
     return loader
 
 
-def set_epoch(loader, epoch):
-    """Shuffle order and worker seeds of ``epoch`` (a function of seed, rank and epoch only)."""
+def set_epoch(loader, epoch, start_batch=0):
+    """Order and augmentations of ``epoch`` (functions of seed, epoch and sample index only), from this
+    process's micro-batch ``start_batch`` on (a mid-epoch resume)."""
     loader.sampler.set_epoch(epoch)
-    loader.generator.manual_seed(loader.worker_seed_base + epoch)
+    loader.sampler.start = start_batch * loader.batch_size
+    loader.dataset.epoch = epoch

@@ -16,7 +16,9 @@ from einops import rearrange
 from timm.layers import DropPath, QuickGELU, trunc_normal_
 from torch import nn
 
+from .layers import attention_maps_of_last
 from .registry import register_model
+from .swin_transformer import WindowAttentionMaps
 
 
 class LayerNorm(nn.LayerNorm):
@@ -112,7 +114,10 @@ class WindowAttention(nn.Module):
             self._bias_index_cache[key] = self.rel_pos_idx[tokens][:, tokens]
         return self._bias_index_cache[key]
 
-    def forward(self, x):
+    def windowed_qkv(self, x):
+        """B x C x H x W -> q, k, v (each B*nW x heads x window² x head_dim; windows row-major over the map
+        zero-padded to a multiple of the window), the heads x window² x window² bias or None, and the
+        rearrange sizes of the window layout."""
         _, _, height, width = x.shape
         window = min(self.window_size, height, width)
         pad_bottom, pad_right = -height % window, -width % window
@@ -124,9 +129,24 @@ class WindowAttention(nn.Module):
         bias = None
         if self.rel_pos_embed:
             bias = self.rel_pos_bias_table[self.bias_index(window)].permute(2, 0, 1).to(q.dtype)  # heads x N x N
+        return q, k, v, bias, windows
+
+    def forward(self, x):
+        _, _, height, width = x.shape
+        q, k, v, bias, windows = self.windowed_qkv(x)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         out = rearrange(out, '(b s_x s_y) h (w_x w_y) d -> b (h d) (s_x w_x) (s_y w_y)', **windows)
         return self.proj_out(out[:, :, :height, :width])  # B x C x H x W
+
+    def attention_maps(self, x):
+        """The attention probabilities of :meth:`forward` on ``x`` (B x C x H x W), with an explicit softmax:
+        a :class:`WindowAttentionMaps` without shift (padded tokens are unmasked keys, as in forward)."""
+        q, k, _, bias, windows = self.windowed_qkv(x)
+        scores = (q * self.scale) @ k.transpose(-2, -1)  # B*nW x heads x window² x window²
+        probs = (scores if bias is None else scores + bias).softmax(dim=-1)
+        window = windows['w_x']
+        padded_hw = (windows['s_x'] * window, windows['s_y'] * window)
+        return WindowAttentionMaps(probs, window, 0, tuple(x.shape[2:]), padded_hw)
 
 
 class FeedForward(nn.Module):
@@ -266,6 +286,11 @@ class CvT(nn.Module):
 
     def forward(self, x):
         return self.forward_features(x)[0]
+
+    def forward_attention_maps(self, images, n_last=1):
+        """Attention probabilities of the last ``n_last`` blocks (across stages, in block order), each a
+        :class:`~models.swin_transformer.WindowAttentionMaps` with ``probs`` (B*nW) x heads x T x T."""
+        return attention_maps_of_last(self, WindowAttention, images, n_last)
 
 
 def stage_specs(spec):

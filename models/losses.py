@@ -5,6 +5,10 @@ warmup_teacher_temp_epochs, nepochs, student_temp=0.1, center_momentum=0.9)`` an
 ``loss(student_output, teacher_output, epoch)``. Unlike the original, crops of several local sizes
 are supported (``local_crops_number``), the pairs are computed batched instead of in a Python loop,
 and the centers are all-reduced only when a process group exists (so a plain CPU run works).
+
+Gradient accumulation: with ``loss.defer_center_update = True`` a forward only records the teacher's batch
+statistics and ``loss.update_center()``, called at the optimizer step, moves the centers once with the
+statistics of all the micro-batches since the last step (as one batch of their total size would).
 """
 import numpy as np
 import torch
@@ -23,6 +27,8 @@ class _CenteredDistillationLoss(nn.Module):
         self.center_momentum = center_momentum
         self.ncrops = ncrops
         self.register_buffer('center', torch.zeros(1, out_dim))
+        self.defer_center_update = False
+        self._center_stats = {}  # center buffer name -> (sum of teacher rows 1 x K, row count) since the last update
         # a linear warm-up of the teacher temperature: too high a temperature early makes training unstable
         self.teacher_temp_schedule = np.concatenate((
             np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
@@ -52,20 +58,33 @@ class _CenteredDistillationLoss(nn.Module):
         mask[0, 0] = mask[1, 1] = False
         return mask
 
-    @staticmethod
     @torch.no_grad()
-    def batch_mean(rows):
-        """Mean over rows (all ranks when a process group exists). R x K -> 1 x K"""
-        total = rows.float().sum(dim=0, keepdim=True)
-        count = torch.tensor([float(rows.shape[0])], device=rows.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(total)
-            dist.all_reduce(count)
-        return total / count
+    def accumulate_center_stats(self, **teacher_rows):
+        """Record teacher outputs (``center_name=rows``, R x K each) for the next center update, which
+        happens now unless ``defer_center_update`` is set."""
+        for name, rows in teacher_rows.items():
+            total, count = self._center_stats.get(name, (0., 0))
+            self._center_stats[name] = (total + rows.detach().float().sum(dim=0, keepdim=True), count + rows.shape[0])
+        if not self.defer_center_update:
+            self.update_center()
 
     @torch.no_grad()
-    def ema_(self, center, batch_center):
-        center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+    def update_center(self):
+        """EMA of each center towards the mean of the teacher rows recorded since the last update, over all
+        processes when a process group exists (one all-reduce)."""
+        if not self._center_stats:
+            return
+        names = list(self._center_stats)
+        totals = torch.cat([self._center_stats[name][0] for name in names])                      # C x K
+        counts = torch.tensor([float(self._center_stats[name][1]) for name in names], device=totals.device)
+        if dist.is_available() and dist.is_initialized():
+            packed = torch.cat([totals.flatten(), counts])
+            dist.all_reduce(packed)
+            totals, counts = packed[:totals.numel()].view_as(totals), packed[totals.numel():]
+        for name, batch_center in zip(names, totals / counts[:, None]):
+            center = getattr(self, name)
+            center.mul_(self.center_momentum).add_(batch_center[None], alpha=1 - self.center_momentum)
+        self._center_stats.clear()
 
 
 class DINOLoss(_CenteredDistillationLoss):
@@ -76,12 +95,45 @@ class DINOLoss(_CenteredDistillationLoss):
         teacher_probs = self.teacher_probs(teacher_output, self.center, epoch)
         ce = self.view_cross_entropy(student_output, teacher_probs)  # 2 x V
         loss = ce[self.pair_mask(ce.device)].mean()
-        self.update_center(teacher_output)
+        self.accumulate_center_stats(center=teacher_output)
         return loss
 
-    @torch.no_grad()
-    def update_center(self, teacher_output):
-        self.ema_(self.center, self.batch_mean(teacher_output))
+
+class MatchedCrossEntropy(torch.autograd.Function):
+    """Row-wise cross-entropy ``-sum_k q[match_r, k] * log_softmax(s_r / temp)_k`` for R student rows.
+
+    ``logits`` R x K (student), ``teacher_probs`` M x K (no gradient), ``match`` R indices into the teacher
+    rows. Only the logits are kept for backward: neither ``log_softmax(s)`` nor the matched teacher rows
+    (both R x K) are materialised, and rows go in chunks so temporaries stay at about ``CHUNK_ELEMENTS``.
+    """
+    CHUNK_ELEMENTS = 2 ** 24
+
+    @staticmethod
+    def chunks(rows, k):
+        step = max(1, MatchedCrossEntropy.CHUNK_ELEMENTS // k)
+        return [slice(start, start + step) for start in range(0, rows, step)]
+
+    @staticmethod
+    def forward(ctx, logits, teacher_probs, match, temp):
+        ce = torch.empty(logits.shape[0], device=logits.device)                           # R
+        for rows in MatchedCrossEntropy.chunks(*logits.shape):
+            s = logits[rows].float() / temp                                               # r x K
+            q = teacher_probs[match[rows]]                                                # r x K
+            ce[rows] = torch.logsumexp(s, dim=-1) * q.sum(-1) - (q * s).sum(-1)
+        ctx.save_for_backward(logits, teacher_probs, match)
+        ctx.temp = temp
+        return ce
+
+    @staticmethod
+    def backward(ctx, grad_ce):
+        logits, teacher_probs, match = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for rows in MatchedCrossEntropy.chunks(*logits.shape):
+            s = logits[rows].float() / ctx.temp
+            q = teacher_probs[match[rows]]
+            # d ce / d s = softmax(s) * sum(q) - q, and s = logits / temp
+            grad[rows] = ((s.softmax(-1) * q.sum(-1, keepdim=True) - q) * (grad_ce[rows, None] / ctx.temp)).to(grad.dtype)
+        return grad, None, None, None
 
 
 class DDINOLoss(_CenteredDistillationLoss):
@@ -122,32 +174,25 @@ class DDINOLoss(_CenteredDistillationLoss):
         t_cls_probs = self.teacher_probs(t_cls_out, self.center, epoch)
         view_ce = self.view_cross_entropy(s_cls_out, t_cls_probs)                      # 2 x V
 
-        K, C = t_region_out.shape[-1], t_fea.shape[-1]
-        t_region_probs = self.teacher_probs(t_region_out, self.center_grid, epoch)
-        t_region_probs = t_region_probs.view(2, batch, n_teacher_tokens, K)           # 2 x B x T_t x K
+        C = t_fea.shape[-1]
+        t_region_probs = self.teacher_probs(t_region_out, self.center_grid, epoch)     # (2*B*T_t) x K
         t_fea_unit = F.normalize(t_fea.detach().float(), dim=-1).view(2, batch, n_teacher_tokens, C)
 
         region_ce = []
         rows = [batch * c * n for c, n in zip(crops_per_group, s_npatch)]
         for c, n, s_region, s_fea_group in zip(crops_per_group, s_npatch, s_region_out.split(rows), s_fea.split(rows)):
-            s_logp = F.log_softmax(s_region.float() / self.student_temp, dim=-1).view(c, batch, n, K)  # c x B x T_s x K
             s_fea_unit = F.normalize(s_fea_group.detach().float(), dim=-1).view(c, batch, n, C)
             per_teacher_view = []
-            for t_probs, t_unit in zip(t_region_probs, t_fea_unit):                      # B x T_t x K, B x T_t x C
+            for view, t_unit in enumerate(t_fea_unit):                                   # B x T_t x C
                 sim = torch.einsum('cbsd,btd->cbst', s_fea_unit, t_unit)                # c x B x T_s x T_t
-                match = sim.argmax(dim=-1)                                              # c x B x T_s
-                matched_probs = torch.gather(                                           # c x B x T_s x K
-                    t_probs.expand(c, -1, -1, -1), 2, match.unsqueeze(-1).expand(-1, -1, -1, K))
-                ce = -(matched_probs * s_logp).sum(-1).mean(dim=(1, 2))                 # c
-                per_teacher_view.append(ce)
+                # row of the most similar teacher token in the flattened (view, batch, token) teacher rows
+                batch_offset = torch.arange(batch, device=sim.device).view(1, batch, 1) * n_teacher_tokens
+                match = sim.argmax(dim=-1) + batch_offset + view * batch * n_teacher_tokens  # c x B x T_s
+                ce = MatchedCrossEntropy.apply(s_region, t_region_probs, match.flatten(), self.student_temp)
+                per_teacher_view.append(ce.view(c, batch * n).mean(1))                  # c
             region_ce.append(torch.stack(per_teacher_view))                            # 2 x c
         region_ce = torch.cat(region_ce, dim=1)                                         # 2 x V
 
         loss = (0.5 * view_ce + 0.5 * region_ce)[self.pair_mask(view_ce.device)].mean()
-        self.update_center(t_cls_out, t_region_out)
+        self.accumulate_center_stats(center=t_cls_out, center_grid=t_region_out)
         return loss
-
-    @torch.no_grad()
-    def update_center(self, teacher_output, teacher_grid_output):
-        self.ema_(self.center, self.batch_mean(teacher_output))
-        self.ema_(self.center_grid, self.batch_mean(teacher_grid_output))

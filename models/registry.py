@@ -12,11 +12,11 @@ and returns a backbone that honours the shared forward contract:
 
 _BUILDERS = {}
 
-# --arch prefix -> MODEL.NAME of the yaml family it belongs to.
+# --arch names of the yaml-configured families (the original's choices) -> MODEL.NAME of their yamls.
 ARCH_FAMILIES = {
-    'swin': 'swin_transformer',
-    'cvt': 'cvt_v4_transformer',
-    'vil': 'vision_longformer',
+    **dict.fromkeys(['swin', 'swin_tiny', 'swin_small', 'swin_base', 'swin_large'], 'swin_transformer'),
+    **dict.fromkeys(['cvt_tiny', 'cvt_small'], 'cvt_v4_transformer'),
+    **dict.fromkeys(['vil', 'vil_1281', 'vil_2262', 'vil_14121'], 'vision_longformer'),
 }
 
 
@@ -42,12 +42,10 @@ def model_name_for_arch(arch, model_name=''):
 
     Raises :class:`UnknownModelError` when the arch is unknown or belongs to another family.
     """
-    family = next((name for prefix, name in ARCH_FAMILIES.items() if arch and arch.startswith(prefix)), None)
-    if family is None and arch in _BUILDERS:
-        family = arch
+    family = ARCH_FAMILIES.get(arch) or (arch if arch in _BUILDERS else None)
     if arch and family is None:
-        raise UnknownModelError(
-            f"unknown --arch {arch!r}; known: {', '.join(sorted(ARCH_FAMILIES))}* or one of {', '.join(registered_models())}")
+        known = sorted(ARCH_FAMILIES) + [name for name in registered_models() if name not in ARCH_FAMILIES.values()]
+        raise UnknownModelError(f"unknown --arch {arch!r}; known: {', '.join(known)}")
     if not model_name:
         if family is None:
             raise UnknownModelError("no architecture given: pass --arch or a --cfg yaml with MODEL.NAME")

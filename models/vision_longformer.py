@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 
 from .registry import register_model
-from .layers import init_linear_weights
+from .layers import attention_maps_of_last, init_linear_weights
 
 ARCH_DEFAULTS = {'l': 1, 'h': 3, 'd': 192, 'n': 1, 's': 1, 'g': 1, 'p': 2, 'f': 7, 'a': 1, 'r': 0}
 LONGFORMER_ATTN_TYPES = ('longformerhand', 'longformerauto')  # same maths (hand-written vs autograd backward)
@@ -85,6 +85,17 @@ def sliding_chunk_relative_position_index(window):
     keys = (query[:, None, :] + W * chunk_offsets[:, :, None]).flatten(1)  # 2 x 9W2
     relative = query[:, :, None] - keys[:, None, :] + (2 * W - 1)  # 2 x W2 x 9W2, in [0, 4W-2]
     return relative[0] * (4 * W - 1) + relative[1]
+
+
+class TokenAttentionMaps(NamedTuple):
+    """Attention probabilities of one block over all its tokens.
+
+    ``probs[b, head, query, key]``, tokens ordered as the block's input: the ``num_global`` global tokens, then
+    the nx x ny map row-major; zero where a query does not attend (outside its neighbourhood chunks).
+    """
+    probs: torch.Tensor  # B x heads x N x N, N = num_global + nx*ny
+    num_global: int
+    hw: tuple  # (nx, ny)
 
 
 class ChunkLayout(NamedTuple):
@@ -197,16 +208,22 @@ class LongformerAttention(nn.Module):
             out = torch.cat([out_global, out], dim=1)
         return self.proj_drop(out)
 
-    def global_attention(self, query, kv):
-        """query: B x G x C, kv: B x N x 2C -> B x G x C (full attention over all N tokens)."""
+    def global_qkv(self, query, kv):
+        """query: B x G x C, kv: B x N x 2C -> q B x H x G x hd, k, v B x H x N x hd, bias 1 x H x G x N or None."""
         B, G, C = query.shape
         H = self.num_heads
         q = query.view(B, G, H, C // H).transpose(1, 2)
-        k, v = kv.view(B, -1, 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)  # B x H x N x hd
+        k, v = kv.view(B, -1, 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
         bias = None
         if self.rpe:
             to_local = self.g2l_relative_position_bias[0][:, :, None].expand(-1, -1, k.shape[2] - G)
-            bias = torch.cat([self.g2g_relative_position_bias, to_local], dim=-1)[None].to(q.dtype)  # 1 x H x G x N
+            bias = torch.cat([self.g2g_relative_position_bias, to_local], dim=-1)[None].to(q.dtype)
+        return q, k, v, bias
+
+    def global_attention(self, query, kv):
+        """query: B x G x C, kv: B x N x 2C -> B x G x C (full attention over all N tokens)."""
+        B, G, C = query.shape
+        q, k, v, bias = self.global_qkv(query, kv)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return out.transpose(1, 2).reshape(B, G, C)
 
@@ -220,16 +237,48 @@ class LongformerAttention(nn.Module):
             k, v = (t[:, :G].reshape(B, G, H, C // H).transpose(1, 2) for t in (k_all, v_all))
             return F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(B, L, C)
 
-        neighbours = self.neighbours()
-        layout = sliding_chunk_layout(*hw, self.window, neighbours, G, query.device)
-        nC, W2 = layout.num_chunks, self.window ** 2
-        q = gather_tokens(query, layout.query_index, H).reshape(B, H * nC, W2, -1)  # B x (H*nC) x W2 x hd
-        k = gather_tokens(k_all, layout.key_index, H).reshape(B, H * nC, -1, C // H)  # B x (H*nC) x S x hd
-        v = gather_tokens(v_all, layout.key_index, H).reshape(B, H * nC, -1, C // H)
-        mask = self.local_attention_mask(layout.key_mask, neighbours)[None].to(q.dtype)  # 1 x (H*nC) x W2 x S
+        q, k, v, mask, layout = self.chunked_qkv(query, k_all, v_all, hw)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        out = out.reshape(B, H, nC * W2, C // H).index_select(2, layout.output_index)  # B x H x L x hd
+        out = out.reshape(B, H, -1, C // H).index_select(2, layout.output_index)  # B x H x L x hd
         return out.transpose(1, 2).reshape(B, L, C)
+
+    def chunked_qkv(self, query, k_all, v_all, hw):
+        """The sliding-chunk operands of the local queries (B x L x C) and all keys/values (B x N x C):
+        q B x (H*nC) x W2 x hd, k, v B x (H*nC) x S x hd, the additive mask 1 x (H*nC) x W2 x S, the layout."""
+        B, _, C = query.shape
+        H = self.num_heads
+        neighbours = self.neighbours()
+        layout = sliding_chunk_layout(*hw, self.window, neighbours, self.num_global, query.device)
+        nC, W2 = layout.num_chunks, self.window ** 2
+        q = gather_tokens(query, layout.query_index, H).reshape(B, H * nC, W2, -1)
+        k = gather_tokens(k_all, layout.key_index, H).reshape(B, H * nC, -1, C // H)
+        v = gather_tokens(v_all, layout.key_index, H).reshape(B, H * nC, -1, C // H)
+        mask = self.local_attention_mask(layout.key_mask, neighbours)[None].to(q.dtype)
+        return q, k, v, mask, layout
+
+    def attention_maps(self, x, hw):
+        """The attention probabilities of :meth:`forward` on ``x`` (B x (G + nx*ny) x C) as dense
+        :class:`TokenAttentionMaps` (explicit softmax). Use in eval mode: with ``mode`` > 0 a module in
+        training mode draws its own random neighbour chunk."""
+        B, N, C = x.shape
+        G, H = self.num_global, self.num_heads
+        kv = self.kv(x)
+        k_all, v_all = kv.chunk(2, dim=-1)
+        rows = []
+        if G:
+            kv_global = kv if self.kv_global is self.kv else self.kv_global(x)
+            q, k, _, bias = self.global_qkv(self.query_global(x[:, :G]), kv_global)
+            rows.append(attention_probs(q, k, bias, self.scale))  # B x H x G x N
+        query = self.query(x[:, G:])
+        if self.only_global:
+            q = query.view(B, N - G, H, C // H).transpose(1, 2)
+            k = k_all[:, :G].reshape(B, G, H, C // H).transpose(1, 2)
+            rows.append(F.pad(attention_probs(q, k, None, self.scale), (0, N - G)))  # B x H x L x N
+        else:
+            q, k, _, mask, layout = self.chunked_qkv(query, k_all, v_all, hw)
+            chunk_probs = attention_probs(q, k, mask, self.scale).view(B, H, layout.num_chunks, -1, k.shape[2])
+            rows.append(scatter_chunk_probs(chunk_probs, layout, N))  # B x H x L x N
+        return TokenAttentionMaps(torch.cat(rows, dim=2), G, tuple(hw))
 
     def local_attention_mask(self, key_mask, neighbours):
         """(H*nC) x W2 x S additive mask of the local queries: relative position bias + key mask."""
@@ -243,6 +292,26 @@ class LongformerAttention(nn.Module):
             local_bias, global_bias = key_mask.new_zeros(H, W2, S - G), key_mask.new_zeros(H, G)
         bias = torch.cat([global_bias[:, None, :].expand(H, W2, G), local_bias], dim=-1)  # H x W2 x S
         return (bias[:, None] + key_mask[None, :, None]).flatten(0, 1)
+
+
+def attention_probs(q, k, bias, scale):
+    """softmax(q k^T * scale + bias) over the last axis, as scaled_dot_product_attention computes it."""
+    scores = (q * scale) @ k.transpose(-2, -1)
+    return (scores if bias is None else scores + bias).softmax(dim=-1)
+
+
+def scatter_chunk_probs(chunk_probs, layout, num_tokens):
+    """B x H x nC x W2 x S sliding-chunk probabilities -> dense B x H x L x N (L = nx*ny local queries in map
+    order, N = num_tokens keys: global then local), zero for keys a query does not attend."""
+    B, H = chunk_probs.shape[:2]
+    L = layout.output_index.numel()
+    num_chunks, S = layout.key_mask.shape
+    query_index = layout.query_index.view(num_chunks, -1, 1)  # nC x W2 x 1, padding rows -> L
+    key_index = layout.key_index.view(num_chunks, 1, S)       # nC x 1 x S, masked keys -> N
+    flat_index = (query_index * (num_tokens + 1) + key_index).flatten().expand(B, H, -1)
+    dense = chunk_probs.new_zeros(B, H, (L + 1) * (num_tokens + 1))
+    dense.scatter_add_(2, flat_index, chunk_probs.reshape(B, H, -1))
+    return dense.view(B, H, L + 1, num_tokens + 1)[:, :, :L, :num_tokens]
 
 
 class FullAttention(nn.Module):
@@ -286,13 +355,24 @@ class FullAttention(nn.Module):
         from_local = torch.cat([self.g2l_relative_position_bias[1][:, None, :].expand(H, num_local, G), local], dim=-1)
         return torch.cat([from_global, from_local], dim=1)
 
+    def qkv_bias(self, x):
+        """x: B x N x C -> q, k, v (B x H x N x hd each) and the 1 x H x N x N position bias or None."""
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.position_bias(N - self.num_global)[None].to(q.dtype) if self.rpe else None
+        return q, k, v, bias
+
     def forward(self, x, hw):
         """x: B x (G + nx*ny) x C -> B x (G + nx*ny) x C."""
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self.position_bias(N - self.num_global)[None].to(q.dtype) if self.rpe else None  # 1 x H x N x N
+        q, k, v, bias = self.qkv_bias(x)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)  # B x H x N x hd
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+
+    def attention_maps(self, x, hw):
+        """The attention probabilities of :meth:`forward` on ``x`` as :class:`TokenAttentionMaps`."""
+        q, k, _, bias = self.qkv_bias(x)
+        return TokenAttentionMaps(attention_probs(q, k, bias, self.scale), self.num_global, tuple(hw))
 
 
 class PatchEmbed(nn.Module):
@@ -406,11 +486,13 @@ class MsViT(nn.Module):
     flat_state_dict = True  # the original grew head/head_dense on this module itself
 
     def __init__(self, arch, img_size=224, in_chans=3, drop_rate=0., drop_path_rate=0., norm_embed=True,
-                 avg_pool=False, ln_eps=1e-6, share_w=True, attn_type='longformerhand', only_global=False, mode=0):
+                 avg_pool=False, ln_eps=1e-6, share_w=True, attn_type='longformerhand', only_global=False, mode=0,
+                 mode_switch=0.):
         super().__init__()
         if attn_type not in SUPPORTED_ATTN_TYPES:
             raise ValueError(f"MSVIT.ATTN_TYPE {attn_type!r} is not supported (choose from {SUPPORTED_ATTN_TYPES})")
         check_attention_mode(mode)
+        self.mode, self.mode_switch = mode, mode_switch
         self.layer_cfgs = parse_arch(arch)
         self.depths = [cfg['n'] for cfg in self.layer_cfgs]
         self.num_globals = [cfg['g'] for cfg in self.layer_cfgs]
@@ -446,6 +528,12 @@ class MsViT(nn.Module):
             if isinstance(module, LongformerAttention):
                 module.mode = mode
 
+    def set_epoch(self, epoch, epochs):
+        """Training-schedule hook: ``MSVIT.MODE`` until ``VIL_MODE_SWITCH`` x ``epochs``, then the full mode 0
+        (``VIL_MODE_SWITCH`` 0 keeps ``MODE`` throughout). The original parsed the switch and never used it."""
+        switched = self.mode_switch > 0 and epoch >= self.mode_switch * epochs
+        self.set_attention_mode(0 if switched else self.mode)
+
     def _run_stages(self, images):
         """Yields (stage index, tokens after each of its MLP blocks); global tokens are dropped between stages."""
         x = images
@@ -470,6 +558,11 @@ class MsViT(nn.Module):
 
     def forward(self, images):
         return self.forward_features(images)[0]
+
+    def forward_attention_maps(self, images, n_last=1):
+        """Attention probabilities of the last ``n_last`` blocks (across stages, in block order), each dense
+        :class:`TokenAttentionMaps` (``probs`` B x heads x N x N over the global then the map tokens)."""
+        return attention_maps_of_last(self, (LongformerAttention, FullAttention), images, n_last)
 
     def forward_return_n_last_blocks(self, images, n=1, return_patch_avgpool=False, depths=()):
         """The eval_linear feature: the pooled tokens (first global token, or token mean) after each of the
@@ -504,7 +597,7 @@ def build_vision_longformer(config, is_teacher=False, use_dense_prediction=False
 
     ``use_dense_prediction`` is accepted for the shared builder signature (``forward_features`` always
     returns the region tokens). ``MSVIT.SHARE_KV`` (Linformer only), ``POOL_METHOD`` (pooled keys only)
-    and ``VIL_MODE_SWITCH`` (read by the trainer) do not affect the backbone.
+    do not affect the backbone; ``VIL_MODE_SWITCH`` is applied by :meth:`MsViT.set_epoch`.
     """
     spec = config.MODEL.SPEC
     msvit = spec.MSVIT
@@ -524,4 +617,5 @@ def build_vision_longformer(config, is_teacher=False, use_dense_prediction=False
         attn_type=msvit.ATTN_TYPE,
         only_global=msvit.ONLY_GLOBAL,
         mode=msvit.MODE,
+        mode_switch=msvit.VIL_MODE_SWITCH,
     )

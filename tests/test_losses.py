@@ -157,3 +157,21 @@ def test_mismatched_crop_layout_is_a_clear_error():
         loss_fn(student, teacher, 0)
     with pytest.raises(ValueError, match='add up'):
         DDINOLoss(7, 6, 0.04, 0.04, 0, 10, local_crops_number=[2, 1])
+
+
+@pytest.mark.parametrize('chunk_elements', [2 ** 24, 10])  # one chunk, and chunks of 1 row
+def test_matched_cross_entropy_equals_autograd_of_the_plain_formula(chunk_elements, monkeypatch):
+    from models.losses import MatchedCrossEntropy
+    monkeypatch.setattr(MatchedCrossEntropy, 'CHUNK_ELEMENTS', chunk_elements)
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(9, 11, generator=g, requires_grad=True)
+    teacher = torch.randn(4, 11, generator=g).softmax(-1)
+    match = torch.randint(0, 4, (9,), generator=g)
+    weights = torch.rand(9, generator=g)
+    (MatchedCrossEntropy.apply(logits, teacher, match, 0.1) * weights).sum().backward()
+    fused_grad = logits.grad.clone()
+    logits.grad = None
+    plain = -(teacher[match] * torch.log_softmax(logits / 0.1, dim=-1)).sum(-1)
+    (plain * weights).sum().backward()
+    torch.testing.assert_close(MatchedCrossEntropy.apply(logits, teacher, match, 0.1), plain.detach())
+    torch.testing.assert_close(fused_grad, logits.grad)

@@ -1,0 +1,213 @@
+"""Time the real EsViT training step of main_esvit.py (the same Trainer, not a copy).
+
+    python scripts/benchmark.py --arch swin_tiny --cfg experiments/imagenet/swin/swin_tiny_patch4_window7_224.yaml \\
+        --batch_size 4 --global_size 224 --local_size 96 --local_crops_number 8 --out_dim 65536 \\
+        --use_dense_prediction True --precision fp32 --steps 5 --warmup 2 --json bench.json MODEL.NUM_CLASSES 0
+    python scripts/benchmark.py --sweep --json sweep.json ...    # a markdown table over precisions and options
+
+Reports images/s, seconds per step split into data / forward (student + teacher + loss) / backward /
+optimizer (clip, step, EMA), peak memory (RSS on CPU, max allocated on CUDA), FLOPs per step
+(torch.utils.flop_counter) and the fraction of a matmul peak measured here on the same device and precision.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import main_esvit  # noqa: E402
+import utils  # noqa: E402
+
+
+def get_args():
+    p = argparse.ArgumentParser('EsViT training-step benchmark')
+    p.add_argument('--arch', default='swin_tiny')
+    p.add_argument('--cfg', default='experiments/imagenet/swin/swin_tiny_patch4_window7_224.yaml')
+    p.add_argument('--batch_size', type=int, default=4)
+    p.add_argument('--global_size', type=int, default=224)
+    p.add_argument('--local_size', type=int, nargs='+', default=[96])
+    p.add_argument('--local_crops_number', type=int, nargs='+', default=[8])
+    p.add_argument('--out_dim', type=int, default=65536)
+    p.add_argument('--use_dense_prediction', type=utils.bool_flag, default=True)
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
+    p.add_argument('--compile', type=utils.bool_flag, default=False, help='torch.compile the backbones')
+    p.add_argument('--train_args', default='', help='extra main_esvit.py flags, e.g. "--clip_mode global"')
+    p.add_argument('--steps', type=int, default=5)
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--data', type=utils.bool_flag, default=True,
+                   help='also time the data pipeline (multi-crop transform + collate) on synthetic photos')
+    p.add_argument('--json', default='', help='write the results here')
+    p.add_argument('--sweep', action='store_true', help='run every precision/option combination (subprocesses)')
+    p.add_argument('opts', nargs=argparse.REMAINDER, help='config overrides KEY VALUE ...')
+    return p.parse_args()
+
+
+def build_trainer(args):
+    argv = ['--arch', args.arch, '--out_dim', str(args.out_dim), '--use_dense_prediction', str(args.use_dense_prediction),
+            '--batch_size_per_gpu', str(args.batch_size), '--local_crops_number', *map(str, args.local_crops_number),
+            '--local_crops_size', *map(str, args.local_size), '--precision', args.precision,
+            '--norm_last_layer', 'false', '--epochs', '10', '--warmup_epochs', '1', '--output_dir', '/tmp',
+            '--compile', str(args.compile), *args.train_args.split()]
+    if args.cfg:
+        argv += ['--cfg', args.cfg]
+    argv += list(args.opts or []) + ['TRAIN.IMAGE_SIZE', f'[{args.global_size}, {args.global_size}]']
+    train_args = main_esvit.parse_args(argv)
+    utils.init_distributed_mode(train_args)
+    torch.manual_seed(0)
+    config = main_esvit.load_config(train_args)
+    student, teacher = main_esvit.build_student_teacher(train_args, config)
+    loss_fn = main_esvit.build_loss(train_args)
+    optimizer = main_esvit.build_optimizer(train_args, student)
+    schedules = main_esvit.Schedules(train_args, 100)
+    return train_args, main_esvit.Trainer(train_args, student, teacher, loss_fn, optimizer, schedules)
+
+
+def synthetic_crops(args, device):
+    sizes = [args.global_size] * 2 + [s for n, s in zip(args.local_crops_number, args.local_size) for _ in range(n)]
+    return [torch.randn(args.batch_size, 3, s, s, device=device) for s in sizes]
+
+
+def time_data_pipeline(args, train_args, n_batches=3):
+    """Seconds per batch of the multi-crop transform + collate, one worker (the main process)."""
+    import numpy as np
+    from PIL import Image
+    from datasets import build_transform
+    transform = build_transform(train_args, global_crops_size=args.global_size)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)) for _ in range(args.batch_size)]
+    start = time.perf_counter()
+    for _ in range(n_batches):
+        torch.utils.data.default_collate([(transform(im), 0) for im in images])
+    return (time.perf_counter() - start) / n_batches
+
+
+def matmul_peak(device, dtype, n=2048, seconds=1.0):
+    """FLOP/s of a large matmul on this device at this precision."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def peak_memory_gb(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kB -> GiB
+
+
+def benchmark(args):
+    train_args, trainer = build_trainer(args)
+    device = train_args.device
+    crops = synthetic_crops(args, device)
+    phases = {'forward': 0.0, 'backward': 0.0, 'optimizer': 0.0}
+
+    def sync():
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+
+    for step in range(args.warmup + args.steps):
+        it = 100 + step
+        sync()
+        t0 = time.perf_counter()
+        loss = trainer.forward_loss(crops, epoch=1, it=it)
+        sync()
+        t1 = time.perf_counter()
+        trainer.backward(loss)
+        sync()
+        t2 = time.perf_counter()
+        trainer.optimizer_step(epoch=1, it=it)
+        sync()
+        t3 = time.perf_counter()
+        if step >= args.warmup:
+            for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+                phases[name] += seconds / args.steps
+
+    with FlopCounterMode(display=False) as counter:
+        trainer.backward(trainer.forward_loss(crops, epoch=1, it=100))
+    flops = counter.get_total_flops()
+    dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.precision]
+    peak = matmul_peak(device, dtype)
+    step_time = sum(phases.values())
+    result = {
+        'arch': args.arch, 'precision': args.precision, 'compile': args.compile, 'train_args': args.train_args,
+        'batch_size': args.batch_size, 'crops': f"2x{args.global_size}+" + '+'.join(
+            f"{n}x{s}" for n, s in zip(args.local_crops_number, args.local_size)),
+        'out_dim': args.out_dim, 'dense': args.use_dense_prediction, 'device': str(device),
+        'threads': torch.get_num_threads(),
+        'images_per_s': args.batch_size / step_time, 'seconds_per_step': step_time,
+        **{f'{name}_s': seconds for name, seconds in phases.items()},
+        'data_s_per_batch_1_worker': time_data_pipeline(args, train_args) if args.data else None,
+        'peak_memory_gb': peak_memory_gb(device), 'gflop_per_step': flops / 1e9,
+        'achieved_gflops': flops / 1e9 / step_time, 'matmul_peak_gflops': peak / 1e9,
+        'fraction_of_peak': flops / step_time / peak,
+    }
+    return result
+
+
+SWEEP = [  # (precision, compile, extra main_esvit flags)
+    ('fp32', False, ''),
+    ('fp32', False, '--clip_mode global'),
+    ('bf16', False, ''),
+    ('bf16', True, ''),
+]
+
+
+def sweep(args):
+    rows = []
+    for precision, compile_, extra in SWEEP:
+        cmd = [sys.executable, os.path.abspath(__file__), '--arch', args.arch, '--cfg', args.cfg,
+               '--batch_size', str(args.batch_size), '--global_size', str(args.global_size),
+               '--local_size', *map(str, args.local_size), '--local_crops_number', *map(str, args.local_crops_number),
+               '--out_dim', str(args.out_dim), '--use_dense_prediction', str(args.use_dense_prediction),
+               '--precision', precision, '--compile', str(compile_), '--train_args', extra,
+               '--steps', str(args.steps), '--warmup', str(args.warmup), '--data', 'False',
+               '--json', '/tmp/esvit_bench_row.json', *(args.opts or [])]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{precision} compile={compile_} {extra}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        with open('/tmp/esvit_bench_row.json') as f:
+            rows.append(json.load(f))
+    header = '| precision | compile | options | images/s | s/step | fwd | bwd | opt | peak GB | GFLOP/step | % of peak |'
+    lines = [header, '|' + '---|' * 11]
+    for r in rows:
+        lines.append(f"| {r['precision']} | {r['compile']} | {r['train_args'] or '-'} | {r['images_per_s']:.2f} | "
+                     f"{r['seconds_per_step']:.2f} | {r['forward_s']:.2f} | {r['backward_s']:.2f} | "
+                     f"{r['optimizer_s']:.2f} | {r['peak_memory_gb']:.2f} | {r['gflop_per_step']:.0f} | "
+                     f"{100 * r['fraction_of_peak']:.0f} % |")
+    table = '\n'.join(lines)
+    print(table)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'rows': rows, 'markdown': table}, f, indent=1)
+
+
+def main():
+    args = get_args()
+    os.chdir(ROOT)
+    if args.sweep:
+        return sweep(args)
+    result = benchmark(args)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,15 @@
+# Sourced by the launch scripts. MODEL_ARGS: --arch ARCH (default swin_tiny) and --cfg CFG (default: the
+# architecture's ImageNet yaml, none for the torchvision ResNets) with the trailing MODEL.NUM_CLASSES 0 kept
+# last by the callers. Run from the repository root.
+ARCH=${ARCH:-swin_tiny}
+case "$ARCH" in
+    swin_*) DEFAULT_CFG=experiments/imagenet/swin/${ARCH}_patch4_window7_224.yaml ;;
+    cvt_*) DEFAULT_CFG=experiments/imagenet/cvt_v4/s1.yaml ;;
+    vil_*) DEFAULT_CFG=experiments/imagenet/vil/${ARCH}.yaml ;;
+    *) DEFAULT_CFG= ;;
+esac
+CFG=${CFG-$DEFAULT_CFG}
+MODEL_ARGS=(--arch "$ARCH")
+if [ -n "$CFG" ]; then
+    MODEL_ARGS+=(--cfg "$CFG")
+fi
