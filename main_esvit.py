@@ -75,6 +75,8 @@ def get_args_parser():
     p.add_argument('--warmup_epochs', default=10, type=int)
     p.add_argument('--min_lr', default=1e-6, type=float)
     p.add_argument('--optimizer', default='adamw', choices=['adamw', 'sgd', 'lars'])
+    p.add_argument('--fused_optimizer', default=True, type=utils.bool_flag,
+                   help='fused AdamW / SGD kernels (False: the per-tensor loop)')
 
     # multi-crop
     p.add_argument('--global_crops_scale', type=float, nargs='+', default=(0.4, 1.))
@@ -106,6 +108,10 @@ def get_args_parser():
     p.add_argument('--knn_freq', default=None, type=int,
                    help='k-NN accuracy of the teacher every N epochs and after the last; 0: never '
                         '(default 0, the demo: after the last epoch)')
+    p.add_argument('--vis_freq', default=0, type=int,
+                   help="log an attention picture of the first training image to TensorBoard every N epochs (0: never)")
+    p.add_argument('--compile', default=False, type=utils.bool_flag,
+                   help='torch.compile the backbones (forward_features); faster steps after a slow first one')
     p.add_argument('--knn_data_path', default=None, type=str,
                    help='folder with train/ and val/ for --knn_freq (default for the demo: the demo data)')
     p.add_argument('--dist_url', default='env://', type=str)
@@ -147,6 +153,9 @@ def build_student_teacher(args, config):
         return MultiCropWrapper(backbone, head(), head() if args.use_dense_prediction else None)
 
     student, teacher = network(False), network(True)
+    if args.compile:  # compiles the method only: module types and state-dict keys stay as they are
+        for net in (student, teacher):
+            net.backbone.forward_features = torch.compile(net.backbone.forward_features)
     if utils.get_world_size() > 1 and utils.has_batchnorms(student):
         student = convert_sync_batchnorm(student, args.device)
         teacher = convert_sync_batchnorm(teacher, args.device)
@@ -167,10 +176,11 @@ def build_loss(args):
 
 def build_optimizer(args, student):
     groups = utils.get_params_groups(student)
+    fused = args.fused_optimizer or None  # one kernel over all tensors (CPU and CUDA), same update
     if args.optimizer == 'adamw':
-        return torch.optim.AdamW(groups)
+        return torch.optim.AdamW(groups, fused=fused)
     if args.optimizer == 'sgd':
-        return torch.optim.SGD(groups, lr=0, momentum=0.9)
+        return torch.optim.SGD(groups, lr=0, momentum=0.9, fused=fused)
     return utils.LARS(groups)
 
 
@@ -442,6 +452,11 @@ def train_esvit(args):
                 continuation=True)
         print(f"Initialised from {args.pretrained_weights_ckpt}")
 
+    vis_image = None
+    if args.vis_freq:
+        from analysis import attention_figure, network_input, normalize
+        vis_image = normalize(network_input(dataset.read_image(dataset.samples[0][0]), config.TRAIN.IMAGE_SIZE[0]))
+
     online_knn = None
     if args.knn_freq:
         from eval_knn import OnlineKNN  # eval_knn imports this module
@@ -477,6 +492,8 @@ def train_esvit(args):
                 knn_stats = online_knn(getattr(teacher, 'module', teacher).backbone, epoch)
                 log.scalars(epoch, **{'knn/top1': knn_stats['knn_top1']})
             log.epoch({**{f'train_{k}': v for k, v in train_stats.items()}, **knn_stats, 'epoch': epoch})
+            if vis_image is not None and epoch % args.vis_freq == 0:
+                log.image('attention', attention_figure(getattr(teacher, 'module', teacher).backbone, vis_image), epoch)
     log.close()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 

@@ -328,6 +328,11 @@ class TrainingLog:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, step)
 
+    def image(self, tag, picture, step):
+        """An H x W x 3 uint8 picture to TensorBoard."""
+        if self.writer is not None:
+            self.writer.add_image(tag, picture, step, dataformats='HWC')
+
     def epoch(self, stats):
         if not self.enabled:
             return

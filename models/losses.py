@@ -100,11 +100,13 @@ class DINOLoss(_CenteredDistillationLoss):
 
 
 class MatchedCrossEntropy(torch.autograd.Function):
-    """Row-wise cross-entropy ``-sum_k q[match_r, k] * log_softmax(s_r / temp)_k`` for R student rows.
+    """Cross-entropies ``ce[v, r] = -sum_k q[match[v, r], k] * log_softmax(s_r / temp)_k`` of R student rows
+    against V matched teacher rows each (V = the teacher views).
 
-    ``logits`` R x K (student), ``teacher_probs`` M x K (no gradient), ``match`` R indices into the teacher
-    rows. Only the logits are kept for backward: neither ``log_softmax(s)`` nor the matched teacher rows
-    (both R x K) are materialised, and rows go in chunks so temporaries stay at about ``CHUNK_ELEMENTS``.
+    ``logits`` R x K (student), ``teacher_probs`` M x K (no gradient), ``match`` V x R indices into the
+    teacher rows. Only the logits and their log-sum-exp are kept for backward: neither ``log_softmax(s)`` nor
+    the matched teacher rows (R x K each) are materialised, the softmax is shared by the V teacher views,
+    and rows go in chunks so temporaries stay at about ``CHUNK_ELEMENTS``.
     """
     CHUNK_ELEMENTS = 2 ** 24
 
@@ -115,24 +117,31 @@ class MatchedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, teacher_probs, match, temp):
-        ce = torch.empty(logits.shape[0], device=logits.device)                           # R
+        teacher_mass = teacher_probs.sum(-1)                                            # M (1 up to rounding)
+        ce = torch.empty(match.shape, device=logits.device)                             # V x R
+        lse = torch.empty(logits.shape[0], device=logits.device)                        # R
         for rows in MatchedCrossEntropy.chunks(*logits.shape):
             s = logits[rows].float() / temp                                               # r x K
-            q = teacher_probs[match[rows]]                                                # r x K
-            ce[rows] = torch.logsumexp(s, dim=-1) * q.sum(-1) - (q * s).sum(-1)
-        ctx.save_for_backward(logits, teacher_probs, match)
+            lse[rows] = torch.logsumexp(s, dim=-1)
+            for v, view_match in enumerate(match[:, rows]):
+                q = teacher_probs[view_match]                                             # r x K
+                ce[v, rows] = lse[rows] * teacher_mass[view_match] - (q * s).sum(-1)
+        ctx.save_for_backward(logits, teacher_probs, teacher_mass, match, lse)
         ctx.temp = temp
         return ce
 
     @staticmethod
-    def backward(ctx, grad_ce):
-        logits, teacher_probs, match = ctx.saved_tensors
+    def backward(ctx, grad_ce):                                                         # V x R
+        logits, teacher_probs, teacher_mass, match, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
+        # d ce[v] / d s = softmax(s) * mass(q_v) - q_v, and s = logits / temp
+        weight = (grad_ce * teacher_mass[match]).sum(0) / ctx.temp                      # R
         for rows in MatchedCrossEntropy.chunks(*logits.shape):
-            s = logits[rows].float() / ctx.temp
-            q = teacher_probs[match[rows]]
-            # d ce / d s = softmax(s) * sum(q) - q, and s = logits / temp
-            grad[rows] = ((s.softmax(-1) * q.sum(-1, keepdim=True) - q) * (grad_ce[rows, None] / ctx.temp)).to(grad.dtype)
+            probs = (logits[rows].float() / ctx.temp - lse[rows, None]).exp_()          # r x K
+            g = probs.mul_(weight[rows, None])
+            for v, view_match in enumerate(match[:, rows]):
+                g.sub_(teacher_probs[view_match] * (grad_ce[v, rows, None] / ctx.temp))
+            grad[rows] = g.to(grad.dtype)
         return grad, None, None, None
 
 
@@ -178,20 +187,21 @@ class DDINOLoss(_CenteredDistillationLoss):
         t_region_probs = self.teacher_probs(t_region_out, self.center_grid, epoch)     # (2*B*T_t) x K
         t_fea_unit = F.normalize(t_fea.detach().float(), dim=-1).view(2, batch, n_teacher_tokens, C)
 
-        region_ce = []
+        # for every student region row and teacher view: the teacher token of that view (a row of the
+        # flattened (view, batch, token) teacher rows) whose backbone feature is most cosine-similar
+        matches = []
         rows = [batch * c * n for c, n in zip(crops_per_group, s_npatch)]
-        for c, n, s_region, s_fea_group in zip(crops_per_group, s_npatch, s_region_out.split(rows), s_fea.split(rows)):
+        view_offset = torch.arange(2, device=t_fea.device).view(2, 1, 1, 1) * batch * n_teacher_tokens
+        batch_offset = torch.arange(batch, device=t_fea.device).view(1, 1, batch, 1) * n_teacher_tokens
+        for c, n, s_fea_group in zip(crops_per_group, s_npatch, s_fea.split(rows)):
             s_fea_unit = F.normalize(s_fea_group.detach().float(), dim=-1).view(c, batch, n, C)
-            per_teacher_view = []
-            for view, t_unit in enumerate(t_fea_unit):                                   # B x T_t x C
-                sim = torch.einsum('cbsd,btd->cbst', s_fea_unit, t_unit)                # c x B x T_s x T_t
-                # row of the most similar teacher token in the flattened (view, batch, token) teacher rows
-                batch_offset = torch.arange(batch, device=sim.device).view(1, batch, 1) * n_teacher_tokens
-                match = sim.argmax(dim=-1) + batch_offset + view * batch * n_teacher_tokens  # c x B x T_s
-                ce = MatchedCrossEntropy.apply(s_region, t_region_probs, match.flatten(), self.student_temp)
-                per_teacher_view.append(ce.view(c, batch * n).mean(1))                  # c
-            region_ce.append(torch.stack(per_teacher_view))                            # 2 x c
-        region_ce = torch.cat(region_ce, dim=1)                                         # 2 x V
+            sim = torch.einsum('cbsd,vbtd->vcbst', s_fea_unit, t_fea_unit)               # 2 x c x B x T_s x T_t
+            matches.append((sim.argmax(dim=-1) + view_offset + batch_offset).flatten(1))  # 2 x (c*B*T_s)
+        region_ce_rows = MatchedCrossEntropy.apply(s_region_out, t_region_probs, torch.cat(matches, dim=1),
+                                                   self.student_temp)                 # 2 x R
+        region_ce = torch.cat([ce.view(2, c, batch * n).mean(-1)                      # 2 x c per group
+                               for c, n, ce in zip(crops_per_group, s_npatch, region_ce_rows.split(rows, dim=1))],
+                              dim=1)                                                   # 2 x V
 
         loss = (0.5 * view_ce + 0.5 * region_ce)[self.pair_mask(view_ce.device)].mean()
         self.accumulate_center_stats(center=t_cls_out, center_grid=t_region_out)

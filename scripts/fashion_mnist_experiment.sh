@@ -8,15 +8,19 @@
 # and 4 x 32 px local crops, out_dim 4096) on the first PRETRAIN_PER_CLASS train images of each class for
 # PRETRAIN_EPOCHS epochs (about 13 minutes per run on 2 idle CPU cores); a run still going after
 # PRETRAIN_MINUTES is stopped with SIGTERM, which saves its checkpoint (the pretraining log says where it
-# stopped). The k-NN bank and the linear probe's training set are the 60,000 train images;
-# the probe trains on cached features (--cache_features True). The table is written to OUT/results.md.
+# stopped), and a variant whose OUT/<variant>/checkpoint.pth exists is not pretrained again (a fresh OUT
+# starts over). The k-NN bank and the linear probe's training set are the first TRAIN_PER_CLASS train images
+# of each class (default: all 60,000), the test set the first TEST_PER_CLASS test images of each class
+# (default: all 10,000); the probe trains on cached features (--cache_features True). The table is written
+# to OUT/results.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-output/fashion_mnist}
 PRETRAIN_PER_CLASS=${PRETRAIN_PER_CLASS:-1000}
 PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-5}
 PRETRAIN_MINUTES=${PRETRAIN_MINUTES:-15}
-EVAL_PER_CLASS=${EVAL_PER_CLASS:-}  # e.g. 50 for a quick check of the script (default: every image)
+TRAIN_PER_CLASS=${TRAIN_PER_CLASS:-}
+TEST_PER_CLASS=${TEST_PER_CLASS:-}
 PROBE_EPOCHS=${PROBE_EPOCHS:-100}
 PROBE_LR=${PROBE_LR:-0.1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -24,13 +28,13 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 MODEL=(--cfg experiments/cpu/swin_demo.yaml --arch swin_tiny)
 EVAL=(--data_path "$OUT/data" --image_size 64 --num_workers 2 --batch_size_per_gpu 128)
 
-python - "$OUT" "$PRETRAIN_PER_CLASS" "$EVAL_PER_CLASS" <<'EOF'
+python - "$OUT" "$PRETRAIN_PER_CLASS" "$TRAIN_PER_CLASS" "$TEST_PER_CLASS" <<'EOF'
 import sys
 from datasets import fashion_mnist_folder
-out, per_class, eval_per_class = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if sys.argv[3] else None
-fashion_mnist_folder(None, 'train', f'{out}/data/train', per_class=eval_per_class)
-fashion_mnist_folder(None, 'test', f'{out}/data/val', per_class=eval_per_class)
-fashion_mnist_folder(None, 'train', f'{out}/pretrain', per_class=per_class)
+out, pretrain, train, test = sys.argv[1], *(int(n) if n else None for n in sys.argv[2:])
+fashion_mnist_folder(None, 'train', f'{out}/pretrain', per_class=pretrain)
+fashion_mnist_folder(None, 'train', f'{out}/data/train', per_class=train)
+fashion_mnist_folder(None, 'test', f'{out}/data/val', per_class=test)
 EOF
 
 # the demo's settings as flags, but for the loss variant and the length of the run
@@ -40,6 +44,7 @@ print(' '.join(f'--{k} ' + ' '.join(map(str, v if isinstance(v, list) else [v]))
                for k, v in DEMO_DEFAULTS.items() if k not in ('use_dense_prediction', 'epochs')))")"
 
 for variant in V VR; do
+    [ -f "$OUT/$variant/checkpoint.pth" ] && continue
     dense=$([ "$variant" = VR ] && echo True || echo False)
     status=0
     timeout -s TERM "${PRETRAIN_MINUTES}m" python main_esvit.py "${MODEL[@]}" "${DEMO[@]}" \

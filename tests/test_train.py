@@ -134,3 +134,14 @@ def test_torchrun_two_processes_on_cpu(tiny_data, tmp_path):
     assert len(log) == 1 and log[0]['train_loss'] > 0
     ckpt = torch.load(os.path.join(out, 'checkpoint.pth'), weights_only=True)
     assert ckpt['args']['world_size'] == 2
+
+
+def test_vis_freq_logs_an_attention_picture_to_tensorboard(tiny_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = str(tmp_path / 'vis')
+    run(command('--data_path', tiny_data, '--output_dir', out, '--epochs', '1', '--vis_freq', '1'))
+    events = EventAccumulator(os.path.join(out, 'tb'))
+    events.Reload()
+    assert 'attention' in events.Tags()['images']
+    picture = events.Images('attention')[0]
+    assert picture.width > 32 and picture.height > 32

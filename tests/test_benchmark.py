@@ -1,0 +1,45 @@
+"""The benchmark harness runs, and every speed switch of the training step keeps the loss of the plain path."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from test_backbones import build_trainer
+
+TINY_SWIN = ('swin_tiny', 'experiments/cpu/swin_demo.yaml')
+
+
+def test_benchmark_script_runs_on_a_tiny_config(tmp_path):
+    out = tmp_path / 'bench.json'
+    cmd = [sys.executable, 'scripts/benchmark.py', '--cfg', 'experiments/cpu/swin_demo.yaml', '--batch_size', '2',
+           '--global_size', '32', '--local_size', '16', '--local_crops_number', '2', '--out_dim', '64',
+           '--steps', '1', '--warmup', '1', '--json', str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report['images_per_s'] > 0 and report['gflop_per_step'] > 0 and report['peak_memory_gb'] > 0
+    assert report['seconds_per_step'] == pytest.approx(report['forward_s'] + report['backward_s'] + report['optimizer_s'])
+    assert 0 < report['fraction_of_peak'] < 1
+
+
+def losses_of(tmp_path, steps=3, extra=()):
+    trainer = build_trainer(*TINY_SWIN, tmp_path, extra)
+    g = torch.Generator().manual_seed(3)
+    crops = [torch.randn(4, 3, 64, 64, generator=g) for _ in range(2)] + \
+            [torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)]
+    return [trainer.step(crops, epoch=1, it=8 + i) for i in range(steps)]
+
+
+@pytest.mark.parametrize('switch,rtol', [
+    (('--fused_optimizer', 'False'), 1e-5),   # per-tensor AdamW loop vs the fused kernel
+    (('--precision', 'bf16'), 3e-2),          # bf16 autocast vs fp32
+])
+def test_speed_switches_keep_the_loss(switch, rtol, tmp_path):
+    plain = losses_of(tmp_path / 'plain')
+    switched = losses_of(tmp_path / 'switched', extra=switch)
+    assert switched == pytest.approx(plain, rel=rtol)
