@@ -33,7 +33,9 @@ def clean_env(monkeypatch):
 def split_command(output):
     """(torchrun options, arguments given to main_esvit.py) of the command the launcher printed last."""
     command = shlex.split(output.strip().splitlines()[-1])
-    assert command[:4] == ['TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1', sys.executable, '-m', 'torch.distributed.run']
+    assert command[0] == 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1'
+    assert os.path.realpath(command[1]) == os.path.realpath(sys.executable)  # `python` or `python3`: the same one
+    assert command[2:4] == ['-m', 'torch.distributed.run']
     script = next(i for i, a in enumerate(command) if a.endswith('main_esvit.py'))
     return command[4:script], command[script + 1:]
 
