@@ -50,7 +50,8 @@ def get_backbone_args_parser():
                    help='images are resized to this before the crop (default: image_size * 256 / 224)')
     p.add_argument('--batch_size_per_gpu', default=128, type=int)
     p.add_argument('--num_workers', default=10, type=int)
-    p.add_argument('--seed', default=0, type=int, help='seed of a random init (the same on every rank) and of the linear probe\'s data order')
+    p.add_argument('--seed', default=0, type=int,
+                   help="seed of a random init (the same on every rank) and of the linear probe's data order")
     p.add_argument('--dist_url', default='env://', type=str)
     p.add_argument('--local_rank', '--local-rank', default=0, type=int, help='set by torch.distributed.launch')
     p.add_argument('opts', default=None, nargs=argparse.REMAINDER, help='config overrides: KEY VALUE ...')
@@ -71,11 +72,9 @@ def get_args_parser():
 def parse_args(parser, argv=None):
     """Parse; with no --cfg, --arch or --data_path, evaluate the demo model on the demo data."""
     args = parser.parse_args(argv)
-    args.demo = args.cfg is None and args.arch is None and args.data_path is None
-    if args.demo:
+    if args.cfg is None and args.arch is None and args.data_path is None:
         parser.set_defaults(cfg=DEMO_CFG, image_size=DEMO_IMAGE_SIZE)
         args = parser.parse_args(argv)
-        args.demo = True
     return args
 
 

@@ -139,6 +139,9 @@ class ValidationSet:
 def restore(path, classifier, optimizer, scheduler):
     """(epoch, best accuracy) of a saved probe, loaded into the running objects."""
     checkpoint = utils.load_checkpoint(path)
+    missing = {'state_dict', 'optimizer', 'scheduler', 'epoch', 'best_acc'} - set(checkpoint)
+    if missing:
+        raise utils.UserError(f"{path} is not a linear-probe checkpoint (no {', '.join(sorted(missing))})")
     utils.load_state_dict_checked(classifier, checkpoint['state_dict'], f"linear classifier {path}")
     optimizer.load_state_dict(checkpoint['optimizer'])
     scheduler.load_state_dict(checkpoint['scheduler'])
@@ -183,7 +186,8 @@ def build_probe_data(args, backbone, probe_features, train_set, val_set):
         return None, None, validation
     train_loader = build_eval_loader(train_set, args.batch_size_per_gpu, args.num_workers)
     train_features, train_labels = extract_features(backbone, train_loader, device, forward=probe_features)
-    return CachedFeatureBatches(train_features, train_labels, args.batch_size_per_gpu, args.seed), nn.Identity(), validation
+    train_batches = CachedFeatureBatches(train_features, train_labels, args.batch_size_per_gpu, args.seed)
+    return train_batches, nn.Identity(), validation
 
 
 def eval_linear(args):
@@ -213,7 +217,8 @@ def eval_linear(args):
     classifier = LinearClassifier(dim, num_labels).to(device)
     trained = classifier
     if utils.is_dist():
-        trained = nn.parallel.DistributedDataParallel(classifier, device_ids=[args.gpu] if device.type == 'cuda' else None)
+        trained = nn.parallel.DistributedDataParallel(classifier,
+                                                      device_ids=[args.gpu] if device.type == 'cuda' else None)
     total_batch = args.batch_size_per_gpu * utils.get_world_size()
     optimizer = torch.optim.SGD(trained.parameters(), args.lr * total_batch / 256., momentum=0.9, weight_decay=0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
