@@ -112,6 +112,10 @@ def get_args_parser():
                    help="log an attention picture of the first training image to TensorBoard every N epochs (0: never)")
     p.add_argument('--compile', default=False, type=utils.bool_flag,
                    help='torch.compile the backbones (forward_features); faster steps after a slow first one')
+    p.add_argument('--tcmalloc', default=True, type=utils.bool_flag,
+                   help='restart with tcmalloc preloaded when it is installed (faster CPU steps; False: glibc malloc)')
+    p.add_argument('--flush_denormal', default=True, type=utils.bool_flag,
+                   help='flush float32 denormals to zero on the CPU (tiny softmax tails otherwise slow matmuls 100x)')
     p.add_argument('--knn_data_path', default=None, type=str,
                    help='folder with train/ and val/ for --knn_freq (default for the demo: the demo data)')
     p.add_argument('--dist_url', default='env://', type=str)
@@ -500,4 +504,6 @@ def train_esvit(args):
 
 if __name__ == '__main__':
     args = parse_args()
+    utils.preload_tcmalloc(args.tcmalloc)
+    torch.set_flush_denormal(args.flush_denormal)  # before the first parallel op: its threads inherit the mode
     utils.run_main(train_esvit, args)

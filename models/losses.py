@@ -40,7 +40,8 @@ class _CenteredDistillationLoss(nn.Module):
 
     def teacher_probs(self, teacher_out, center, epoch):
         """softmax((t - center) / tau_t), no gradient. ... x K -> ... x K"""
-        return F.softmax((teacher_out.detach().float() - center) / self.teacher_temp(epoch), dim=-1)
+        centered = teacher_out.detach() - center                                       # float32, one pass
+        return F.softmax(centered.div_(self.teacher_temp(epoch)), dim=-1)
 
     def view_cross_entropy(self, student_cls_out, teacher_cls_probs):
         """[2 x ncrops] matrix of batch-mean cross-entropies, teacher view i against student view v.
@@ -64,7 +65,8 @@ class _CenteredDistillationLoss(nn.Module):
         happens now unless ``defer_center_update`` is set."""
         for name, rows in teacher_rows.items():
             total, count = self._center_stats.get(name, (0., 0))
-            self._center_stats[name] = (total + rows.detach().float().sum(dim=0, keepdim=True), count + rows.shape[0])
+            self._center_stats[name] = (total + rows.detach().sum(dim=0, keepdim=True, dtype=torch.float32),
+                                        count + rows.shape[0])
         if not self.defer_center_update:
             self.update_center()
 
@@ -100,48 +102,49 @@ class DINOLoss(_CenteredDistillationLoss):
 
 
 class MatchedCrossEntropy(torch.autograd.Function):
-    """Cross-entropies ``ce[v, r] = -sum_k q[match[v, r], k] * log_softmax(s_r / temp)_k`` of R student rows
-    against V matched teacher rows each (V = the teacher views).
+    """Region cross-entropies of one resolution group against both teacher views:
+    ``ce[v, c, b, s] = -sum_k q[v, b, match[v, c, b, s], k] * log_softmax(logits[c, b, s] / temp)_k``.
 
-    ``logits`` R x K (student), ``teacher_probs`` M x K (no gradient), ``match`` V x R indices into the
-    teacher rows. Only the logits and their log-sum-exp are kept for backward: neither ``log_softmax(s)`` nor
-    the matched teacher rows (R x K each) are materialised, the softmax is shared by the V teacher views,
-    and rows go in chunks so temporaries stay at about ``CHUNK_ELEMENTS``.
+    ``logits`` c x B x T_s x K (student crops of one size), ``teacher_probs`` 2 x B x T_t x K (no gradient),
+    ``match`` 2 x c x B x T_s indices of teacher tokens. Because ``-q . log_softmax(s) = mass(q) lse(s) - q . s``,
+    the matched dot products are read off one batched matmul per teacher view, image by image,
+    ``s_b @ q_vb^T`` ((c*T_s) x T_t), instead of gathering a K-long teacher row per student token; backward is
+    the product of a one-hot matrix of the incoming gradients with the teacher rows. Each K-long row is read
+    a few times instead of once per crop and view; only the logits and their log-sum-exp are kept for backward.
     """
-    CHUNK_ELEMENTS = 2 ** 24
-
-    @staticmethod
-    def chunks(rows, k):
-        step = max(1, MatchedCrossEntropy.CHUNK_ELEMENTS // k)
-        return [slice(start, start + step) for start in range(0, rows, step)]
 
     @staticmethod
     def forward(ctx, logits, teacher_probs, match, temp):
-        teacher_mass = teacher_probs.sum(-1)                                            # M (1 up to rounding)
-        ce = torch.empty(match.shape, device=logits.device)                             # V x R
-        lse = torch.empty(logits.shape[0], device=logits.device)                        # R
-        for rows in MatchedCrossEntropy.chunks(*logits.shape):
-            s = logits[rows].float() / temp                                               # r x K
-            lse[rows] = torch.logsumexp(s, dim=-1)
-            for v, view_match in enumerate(match[:, rows]):
-                q = teacher_probs[view_match]                                             # r x K
-                ce[v, rows] = lse[rows] * teacher_mass[view_match] - (q * s).sum(-1)
-        ctx.save_for_backward(logits, teacher_probs, teacher_mass, match, lse)
+        crops, batch, n_student = logits.shape[:3]
+        teacher_mass = teacher_probs.sum(-1)                                          # 2 x B x T_t (1 up to rounding)
+        s = torch.empty(batch, crops, n_student, logits.shape[-1], device=logits.device)  # B x c x T_s x K
+        torch.mul(logits.transpose(0, 1), 1. / temp, out=s)
+        s = s.flatten(1, 2)                                                            # B x (c*T_s) x K
+        lse = torch.logsumexp(s, dim=-1)                                               # B x (c*T_s)
+        matched = match.permute(0, 2, 1, 3).flatten(2)                                 # 2 x B x (c*T_s)
+        ce = torch.stack([lse * mass.gather(-1, view_match)
+                          - torch.bmm(s, q.transpose(1, 2)).gather(-1, view_match[..., None])[..., 0]
+                          for q, mass, view_match in zip(teacher_probs, teacher_mass, matched)])  # 2 x B x (c*T_s)
+        ctx.save_for_backward(logits, teacher_probs, teacher_mass, matched, lse)
         ctx.temp = temp
-        return ce
+        return ce.view(2, batch, crops, n_student).transpose(1, 2)                     # 2 x c x B x T_s
 
     @staticmethod
-    def backward(ctx, grad_ce):                                                         # V x R
-        logits, teacher_probs, teacher_mass, match, lse = ctx.saved_tensors
-        grad = torch.empty_like(logits)
+    def backward(ctx, grad_ce):                                                       # 2 x c x B x T_s
+        logits, teacher_probs, teacher_mass, matched, lse = ctx.saved_tensors
+        crops, batch, n_student = logits.shape[:3]
+        grad_ce = grad_ce.transpose(1, 2).flatten(2)                                   # 2 x B x (c*T_s)
         # d ce[v] / d s = softmax(s) * mass(q_v) - q_v, and s = logits / temp
-        weight = (grad_ce * teacher_mass[match]).sum(0) / ctx.temp                      # R
-        for rows in MatchedCrossEntropy.chunks(*logits.shape):
-            probs = (logits[rows].float() / ctx.temp - lse[rows, None]).exp_()          # r x K
-            g = probs.mul_(weight[rows, None])
-            for v, view_match in enumerate(match[:, rows]):
-                g.sub_(teacher_probs[view_match] * (grad_ce[v, rows, None] / ctx.temp))
-            grad[rows] = g.to(grad.dtype)
+        weight = sum(g * mass.gather(-1, m) for g, mass, m in zip(grad_ce, teacher_mass, matched))  # B x (c*T_s)
+        grad_s = torch.empty(batch, crops, n_student, logits.shape[-1], device=logits.device)
+        torch.mul(logits.transpose(0, 1), 1. / ctx.temp, out=grad_s)
+        grad_s = grad_s.flatten(1, 2)                                                  # B x (c*T_s) x K
+        grad_s.sub_(lse[..., None]).exp_().mul_(weight[..., None])
+        for q, g, view_match in zip(teacher_probs, grad_ce, matched):
+            one_hot = g.new_zeros(*view_match.shape, q.shape[1])                        # B x (c*T_s) x T_t
+            grad_s.baddbmm_(one_hot.scatter_(-1, view_match[..., None], g[..., None]), q, alpha=-1)
+        grad = torch.empty_like(logits)
+        torch.div(grad_s.view(batch, crops, n_student, -1).transpose(0, 1), ctx.temp, out=grad)
         return grad, None, None, None
 
 
@@ -183,25 +186,23 @@ class DDINOLoss(_CenteredDistillationLoss):
         t_cls_probs = self.teacher_probs(t_cls_out, self.center, epoch)
         view_ce = self.view_cross_entropy(s_cls_out, t_cls_probs)                      # 2 x V
 
-        C = t_fea.shape[-1]
+        C, K = t_fea.shape[-1], t_region_out.shape[-1]
         t_region_probs = self.teacher_probs(t_region_out, self.center_grid, epoch)     # (2*B*T_t) x K
+        t_region_probs = t_region_probs.view(2, batch, n_teacher_tokens, K)
         t_fea_unit = F.normalize(t_fea.detach().float(), dim=-1).view(2, batch, n_teacher_tokens, C)
 
-        # for every student region row and teacher view: the teacher token of that view (a row of the
-        # flattened (view, batch, token) teacher rows) whose backbone feature is most cosine-similar
-        matches = []
+        # per resolution group: for every student region token and teacher view, the teacher token of that
+        # view and image whose backbone feature is most cosine-similar, and the cross-entropy against it
+        region_ce = []
         rows = [batch * c * n for c, n in zip(crops_per_group, s_npatch)]
-        view_offset = torch.arange(2, device=t_fea.device).view(2, 1, 1, 1) * batch * n_teacher_tokens
-        batch_offset = torch.arange(batch, device=t_fea.device).view(1, 1, batch, 1) * n_teacher_tokens
-        for c, n, s_fea_group in zip(crops_per_group, s_npatch, s_fea.split(rows)):
+        for c, n, s_fea_group, s_region_group in zip(crops_per_group, s_npatch, s_fea.split(rows),
+                                                     s_region_out.split(rows)):
             s_fea_unit = F.normalize(s_fea_group.detach().float(), dim=-1).view(c, batch, n, C)
             sim = torch.einsum('cbsd,vbtd->vcbst', s_fea_unit, t_fea_unit)               # 2 x c x B x T_s x T_t
-            matches.append((sim.argmax(dim=-1) + view_offset + batch_offset).flatten(1))  # 2 x (c*B*T_s)
-        region_ce_rows = MatchedCrossEntropy.apply(s_region_out, t_region_probs, torch.cat(matches, dim=1),
-                                                   self.student_temp)                 # 2 x R
-        region_ce = torch.cat([ce.view(2, c, batch * n).mean(-1)                      # 2 x c per group
-                               for c, n, ce in zip(crops_per_group, s_npatch, region_ce_rows.split(rows, dim=1))],
-                              dim=1)                                                   # 2 x V
+            ce = MatchedCrossEntropy.apply(s_region_group.view(c, batch, n, K), t_region_probs,
+                                           sim.argmax(dim=-1), self.student_temp)        # 2 x c x B x T_s
+            region_ce.append(ce.flatten(2).mean(-1))                                    # 2 x c
+        region_ce = torch.cat(region_ce, dim=1)                                         # 2 x V
 
         loss = (0.5 * view_ce + 0.5 * region_ce)[self.pair_mask(view_ce.device)].mean()
         self.accumulate_center_stats(center=t_cls_out, center_grid=t_region_out)

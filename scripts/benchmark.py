@@ -39,12 +39,18 @@ def get_args():
     p.add_argument('--use_dense_prediction', type=utils.bool_flag, default=True)
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
     p.add_argument('--compile', type=utils.bool_flag, default=False, help='torch.compile the backbones')
+    p.add_argument('--tcmalloc', type=utils.bool_flag, default=True,
+                   help='restart with tcmalloc preloaded when installed, as main_esvit.py does (False: glibc malloc)')
+    p.add_argument('--flush_denormal', type=utils.bool_flag, default=True,
+                   help='flush float32 denormals to zero, as main_esvit.py does')
     p.add_argument('--train_args', default='', help='extra main_esvit.py flags, e.g. "--clip_mode global"')
     p.add_argument('--steps', type=int, default=5)
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--data', type=utils.bool_flag, default=True,
                    help='also time the data pipeline (multi-crop transform + collate) on synthetic photos')
     p.add_argument('--json', default='', help='write the results here')
+    p.add_argument('--profile', type=int, default=0, metavar='N',
+                   help='also profile one step (torch.profiler) and print its N most expensive operators')
     p.add_argument('--sweep', action='store_true', help='run every precision/option combination (subprocesses)')
     p.add_argument('opts', nargs=argparse.REMAINDER, help='config overrides KEY VALUE ...')
     return p.parse_args()
@@ -55,7 +61,8 @@ def build_trainer(args):
             '--batch_size_per_gpu', str(args.batch_size), '--local_crops_number', *map(str, args.local_crops_number),
             '--local_crops_size', *map(str, args.local_size), '--precision', args.precision,
             '--norm_last_layer', 'false', '--epochs', '10', '--warmup_epochs', '1', '--output_dir', '/tmp',
-            '--compile', str(args.compile), *args.train_args.split()]
+            '--compile', str(args.compile), '--tcmalloc', str(args.tcmalloc),
+            '--flush_denormal', str(args.flush_denormal), *args.train_args.split()]
     if args.cfg:
         argv += ['--cfg', args.cfg]
     argv += list(args.opts or []) + ['TRAIN.IMAGE_SIZE', f'[{args.global_size}, {args.global_size}]']
@@ -104,6 +111,17 @@ def matmul_peak(device, dtype, n=2048, seconds=1.0):
     return 2 * n ** 3 * reps / (time.perf_counter() - start)
 
 
+def print_profile(trainer, crops, n_rows):
+    """The operators of one training step by self time (where the time goes, without the Python overhead)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        trainer.backward(trainer.forward_loss(crops, epoch=1, it=100))
+        trainer.optimizer_step(epoch=1, it=100)
+    sort_by = 'self_cuda_time_total' if torch.cuda.is_available() else 'self_cpu_time_total'
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=n_rows), file=sys.stderr)
+
+
 def peak_memory_gb(device):
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated() / 2 ** 30
@@ -137,6 +155,8 @@ def benchmark(args):
             for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
                 phases[name] += seconds / args.steps
 
+    if args.profile:
+        print_profile(trainer, crops, args.profile)
     with FlopCounterMode(display=False) as counter:
         trainer.backward(trainer.forward_loss(crops, epoch=1, it=100))
     flops = counter.get_total_flops()
@@ -148,7 +168,8 @@ def benchmark(args):
         'batch_size': args.batch_size, 'crops': f"2x{args.global_size}+" + '+'.join(
             f"{n}x{s}" for n, s in zip(args.local_crops_number, args.local_size)),
         'out_dim': args.out_dim, 'dense': args.use_dense_prediction, 'device': str(device),
-        'threads': torch.get_num_threads(),
+        'threads': torch.get_num_threads(), 'malloc': os.environ.get('ESVIT_MALLOC', 'system'),
+        'flush_denormal': args.flush_denormal,
         'images_per_s': args.batch_size / step_time, 'seconds_per_step': step_time,
         **{f'{name}_s': seconds for name, seconds in phases.items()},
         'data_s_per_batch_1_worker': time_data_pipeline(args, train_args) if args.data else None,
@@ -159,37 +180,41 @@ def benchmark(args):
     return result
 
 
-SWEEP = [  # (precision, compile, extra main_esvit flags)
-    ('fp32', False, ''),
-    ('fp32', False, '--clip_mode global'),
-    ('bf16', False, ''),
-    ('bf16', True, ''),
+SWEEP = [  # (precision, benchmark flags): the plain path, then each switch turned on in turn
+    ('fp32', ['--tcmalloc', 'False', '--flush_denormal', 'False']),
+    ('fp32', ['--tcmalloc', 'False']),
+    ('fp32', []),
+    ('fp32', ['--train_args', '--clip_mode global']),
+    ('bf16', ['--tcmalloc', 'False', '--flush_denormal', 'False']),
+    ('bf16', []),
+    ('bf16', ['--compile', 'True']),
 ]
 
 
 def sweep(args):
     rows = []
-    for precision, compile_, extra in SWEEP:
+    for precision, flags in SWEEP:
         cmd = [sys.executable, os.path.abspath(__file__), '--arch', args.arch, '--cfg', args.cfg,
                '--batch_size', str(args.batch_size), '--global_size', str(args.global_size),
                '--local_size', *map(str, args.local_size), '--local_crops_number', *map(str, args.local_crops_number),
                '--out_dim', str(args.out_dim), '--use_dense_prediction', str(args.use_dense_prediction),
-               '--precision', precision, '--compile', str(compile_), '--train_args', extra,
-               '--steps', str(args.steps), '--warmup', str(args.warmup), '--data', 'False',
-               '--json', '/tmp/esvit_bench_row.json', *(args.opts or [])]
+               '--precision', precision, *flags, '--steps', str(args.steps), '--warmup', str(args.warmup),
+               '--data', 'False', '--json', '/tmp/esvit_bench_row.json', *(args.opts or [])]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            print(f"{precision} compile={compile_} {extra}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            print(f"{precision} {' '.join(flags)}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
         with open('/tmp/esvit_bench_row.json') as f:
             rows.append(json.load(f))
-    header = '| precision | compile | options | images/s | s/step | fwd | bwd | opt | peak GB | GFLOP/step | % of peak |'
-    lines = [header, '|' + '---|' * 11]
+    header = ('| precision | malloc | flush denormal | compile | options | images/s | s/step | fwd | bwd | opt | peak GB '
+              '| GFLOP/step | % of peak |')
+    lines = [header, '|' + '---|' * 13]
     for r in rows:
-        lines.append(f"| {r['precision']} | {r['compile']} | {r['train_args'] or '-'} | {r['images_per_s']:.2f} | "
-                     f"{r['seconds_per_step']:.2f} | {r['forward_s']:.2f} | {r['backward_s']:.2f} | "
-                     f"{r['optimizer_s']:.2f} | {r['peak_memory_gb']:.2f} | {r['gflop_per_step']:.0f} | "
-                     f"{100 * r['fraction_of_peak']:.0f} % |")
+        malloc = 'tcmalloc' if 'tcmalloc' in r['malloc'] else 'glibc'
+        lines.append(f"| {r['precision']} | {malloc} | {r['flush_denormal']} | {r['compile']} | {r['train_args'] or '-'} | "
+                     f"{r['images_per_s']:.2f} | {r['seconds_per_step']:.2f} | {r['forward_s']:.2f} | "
+                     f"{r['backward_s']:.2f} | {r['optimizer_s']:.2f} | {r['peak_memory_gb']:.2f} | "
+                     f"{r['gflop_per_step']:.0f} | {100 * r['fraction_of_peak']:.0f} % |")
     table = '\n'.join(lines)
     print(table)
     if args.json:
@@ -199,6 +224,9 @@ def sweep(args):
 
 def main():
     args = get_args()
+    if not args.sweep:  # a sweep runs each row in a subprocess, with or without tcmalloc
+        utils.preload_tcmalloc(args.tcmalloc)
+        torch.set_flush_denormal(args.flush_denormal)
     os.chdir(ROOT)
     if args.sweep:
         return sweep(args)

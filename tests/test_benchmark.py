@@ -1,4 +1,5 @@
 """The benchmark harness runs, and every speed switch of the training step keeps the loss of the plain path."""
+import ctypes.util
 import json
 import os
 import subprocess
@@ -13,18 +14,41 @@ from test_backbones import build_trainer
 TINY_SWIN = ('swin_tiny', 'experiments/cpu/swin_demo.yaml')
 
 
-def test_benchmark_script_runs_on_a_tiny_config(tmp_path):
+def run_tiny_benchmark(tmp_path, *flags):
     out = tmp_path / 'bench.json'
     cmd = [sys.executable, 'scripts/benchmark.py', '--cfg', 'experiments/cpu/swin_demo.yaml', '--batch_size', '2',
            '--global_size', '32', '--local_size', '16', '--local_crops_number', '2', '--out_dim', '64',
-           '--steps', '1', '--warmup', '1', '--json', str(out)]
-    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True,
+           '--steps', '1', '--warmup', '1', '--json', str(out), *flags]
+    env = {k: v for k, v in os.environ.items() if k not in ('ESVIT_MALLOC', 'LD_PRELOAD')}
+    result = subprocess.run(cmd, cwd=ROOT, env={**env, 'OMP_NUM_THREADS': '1'}, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_benchmark_script_runs_on_a_tiny_config(tmp_path):
+    report = run_tiny_benchmark(tmp_path)
     assert report['images_per_s'] > 0 and report['gflop_per_step'] > 0 and report['peak_memory_gb'] > 0
     assert report['seconds_per_step'] == pytest.approx(report['forward_s'] + report['backward_s'] + report['optimizer_s'])
     assert 0 < report['fraction_of_peak'] < 1
+
+
+@pytest.mark.skipif(ctypes.util.find_library('tcmalloc_minimal') is None,
+                    reason='tcmalloc is not installed (Debian: apt-get install libtcmalloc-minimal4)')
+def test_tcmalloc_is_preloaded_by_restarting_unless_switched_off(tmp_path):
+    assert 'tcmalloc' in run_tiny_benchmark(tmp_path)['malloc']
+    assert run_tiny_benchmark(tmp_path, '--tcmalloc', 'False')['malloc'] == 'system'
+
+
+def test_flushing_denormals_keeps_the_loss(tmp_path):
+    plain = losses_of(tmp_path / 'plain')
+    if not torch.set_flush_denormal(True):
+        pytest.skip('this CPU cannot flush denormals')
+    try:
+        flushed = losses_of(tmp_path / 'flushed')
+    finally:
+        torch.set_flush_denormal(False)
+    assert flushed == pytest.approx(plain, rel=1e-5)
 
 
 def losses_of(tmp_path, steps=3, extra=()):

@@ -159,19 +159,22 @@ def test_mismatched_crop_layout_is_a_clear_error():
         DDINOLoss(7, 6, 0.04, 0.04, 0, 10, local_crops_number=[2, 1])
 
 
-@pytest.mark.parametrize('chunk_elements', [2 ** 24, 10])  # one chunk, and chunks of 1 row
-def test_matched_cross_entropy_equals_autograd_of_the_plain_formula(chunk_elements, monkeypatch):
+@pytest.mark.parametrize('crops, batch, student_tokens, teacher_tokens', [(2, 3, 4, 4), (3, 2, 1, 5)])
+def test_matched_cross_entropy_equals_autograd_of_the_plain_formula(crops, batch, student_tokens, teacher_tokens):
     from models.losses import MatchedCrossEntropy
-    monkeypatch.setattr(MatchedCrossEntropy, 'CHUNK_ELEMENTS', chunk_elements)
     g = torch.Generator().manual_seed(2)
-    logits = torch.randn(9, 11, generator=g, requires_grad=True)
-    teacher = torch.randn(4, 11, generator=g).softmax(-1)
-    match = torch.randint(0, 4, (9,), generator=g)
-    weights = torch.rand(9, generator=g)
-    (MatchedCrossEntropy.apply(logits, teacher, match[None], 0.1)[0] * weights).sum().backward()
+    logits = torch.randn(crops, batch, student_tokens, 11, generator=g, requires_grad=True)
+    teacher = torch.randn(2, batch, teacher_tokens, 11, generator=g).softmax(-1)
+    match = torch.randint(0, teacher_tokens, (2, crops, batch, student_tokens), generator=g)
+    weights = torch.rand(2, crops, batch, student_tokens, generator=g)
+    fused = MatchedCrossEntropy.apply(logits, teacher, match, 0.1)
+    (fused * weights).sum().backward()
     fused_grad = logits.grad.clone()
     logits.grad = None
-    plain = -(teacher[match] * torch.log_softmax(logits / 0.1, dim=-1)).sum(-1)
+    # the teacher row of every (view, crop, image, student token), gathered one by one
+    matched = torch.stack([torch.stack([torch.stack([teacher[v, b, match[v, c, b]] for b in range(batch)])
+                                        for c in range(crops)]) for v in range(2)])  # 2 x c x B x T_s x K
+    plain = -(matched * torch.log_softmax(logits / 0.1, dim=-1)[None]).sum(-1)
     (plain * weights).sum().backward()
-    torch.testing.assert_close(MatchedCrossEntropy.apply(logits, teacher, match[None], 0.1)[0], plain.detach())
+    torch.testing.assert_close(fused.detach(), plain.detach())
     torch.testing.assert_close(fused_grad, logits.grad)
