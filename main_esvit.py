@@ -46,6 +46,9 @@ def get_args_parser():
     p.add_argument('--momentum_teacher', default=0.996, type=float,
                    help='base EMA momentum of the teacher, raised to 1 with a cosine schedule')
     p.add_argument('--use_bn_in_head', default=False, type=utils.bool_flag)
+    p.add_argument('--head_hidden_dim', default=2048, type=int, help='width of the heads\' hidden layers')
+    p.add_argument('--head_bottleneck_dim', default=256, type=int,
+                   help='width of the heads\' last hidden layer, before the out_dim prototypes')
     p.add_argument('--use_dense_prediction', default=False, type=utils.bool_flag,
                    help='add the region-level matching loss (EsViT V+R)')
 
@@ -153,7 +156,8 @@ def build_student_teacher(args, config):
         backbone = build_model(config, is_teacher=is_teacher, use_dense_prediction=args.use_dense_prediction)
         def head():
             return DINOHead(backbone.num_features, args.out_dim, use_bn=args.use_bn_in_head,
-                            norm_last_layer=args.norm_last_layer)
+                            norm_last_layer=args.norm_last_layer, hidden_dim=args.head_hidden_dim,
+                            bottleneck_dim=args.head_bottleneck_dim)
         return MultiCropWrapper(backbone, head(), head() if args.use_dense_prediction else None)
 
     student, teacher = network(False), network(True)

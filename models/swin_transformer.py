@@ -92,32 +92,34 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (T*T) x heads
         return bias.view(T, T, -1).permute(2, 0, 1)
 
-    def forward(self, x, shift_mask=None, return_probs=False):
-        """x: (B*nW) x T x C; shift_mask: nW x T x T or None.
+    def forward(self, qkv, shift_mask=None, return_probs=False):
+        """qkv: (B*nW) x T x 3C windows of ``self.qkv``'s output; shift_mask: nW x T x T or None.
 
-        Returns the attended windows (B*nW) x T x C and, with ``return_probs``, the attention
-        probabilities (B*nW) x heads x T x T (computed explicitly; otherwise through SDPA and None).
+        Returns the attended windows (B*nW) x T x C *before* the output projection ``self.proj`` (which the
+        block applies to the unpadded tokens only) and, with ``return_probs``, the attention probabilities
+        (B*nW) x heads x T x T.
         """
-        BnW, T, C = x.shape
+        BnW, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         # nW: number of distinct window masks (1 without shift). Windows are folded into the head axis so
         # that the bias broadcasts over the batch of a 4-D SDPA call (the layout its fused kernels accept).
         nW = 1 if shift_mask is None else shift_mask.shape[0]
-        qkv = self.qkv(x).view(BnW // nW, nW, T, 3, self.num_heads, C // self.num_heads)
+        qkv = qkv.view(BnW // nW, nW, T, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).flatten(2, 3).unbind(0)  # each B x (nW*heads) x T x head_dim
         attn_bias = self.relative_position_bias()  # heads x T x T
         if shift_mask is not None:
             attn_bias = attn_bias + shift_mask.unsqueeze(1)  # nW x heads x T x T
         attn_bias = attn_bias.reshape(1, nW * self.num_heads, T, T).to(q.dtype)
         drop = self.attn_drop if self.training else 0.
-        if return_probs:
-            probs = ((q * self.scale) @ k.transpose(-2, -1) + attn_bias).softmax(dim=-1)  # B x (nW*heads) x T x T
-            out = F.dropout(probs, drop) @ v
-            probs = probs.reshape(BnW, self.num_heads, T, T)
+        if return_probs or (torch.is_grad_enabled() and attn_bias.requires_grad):
+            # explicit softmax: SDPA's fused CPU kernels give no gradient for the bias, and its math fallback
+            # adds a guard against fully masked rows (which cannot occur here) on top of these same steps
+            probs = ((q * self.scale) @ k.transpose(-2, -1)).add_(attn_bias).softmax(dim=-1)  # B x (nW*heads) x T x T
+            out = F.dropout(probs, drop, self.training) @ v
+            probs = probs.reshape(BnW, self.num_heads, T, T) if return_probs else None
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=drop, scale=self.scale)
             probs = None
-        out = out.unflatten(1, (nW, self.num_heads)).transpose(2, 3).reshape(BnW, T, C)  # (B*nW) x T x C
-        return self.proj_drop(self.proj(out)), probs
+        return out.unflatten(1, (nW, self.num_heads)).transpose(2, 3).reshape(BnW, T, C), probs  # (B*nW) x T x C
 
 
 class SwinTransformerBlock(nn.Module):
@@ -152,16 +154,25 @@ class SwinTransformerBlock(nn.Module):
         ws, shift = self.window_size, self.shift_size
         shortcut = x
         x = self.norm1(x).view(B, H, W, C)
-        x = F.pad(x, (0, 0, 0, -W % ws, 0, -H % ws))  # B x Hp x Wp x C, zero padding kept unmasked
-        Hp, Wp = x.shape[1:3]
+        pad_h, pad_w = -H % ws, -W % ws
+        if pad_h or pad_w:
+            # The original zero-pads the normed map and projects every token; a zero token's q, k, v are the
+            # qkv bias, so project only the real tokens and pad with the bias (same values, fewer FLOPs).
+            qkv = F.pad(F.linear(x, self.attn.qkv.weight), (0, 0, 0, pad_w, 0, pad_h))  # B x Hp x Wp x 3C
+            if self.attn.qkv.bias is not None:
+                qkv = qkv + self.attn.qkv.bias
+        else:
+            qkv = self.attn.qkv(x)
+        Hp, Wp = qkv.shape[1:3]
         if shift:
-            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+            qkv = torch.roll(qkv, shifts=(-shift, -shift), dims=(1, 2))
         shift_mask = self.shift_mask(Hp, Wp, x.device) if shift else None
-        windows, probs = self.attn(window_partition(x, ws), shift_mask, return_probs=return_attention)
+        windows, probs = self.attn(window_partition(qkv, ws), shift_mask, return_probs=return_attention)
         x = window_reverse(windows, ws, Hp, Wp)  # B x Hp x Wp x C
         if shift:
             x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
         x = x[:, :H, :W].reshape(B, H * W, C)
+        x = self.attn.proj_drop(self.attn.proj(x))  # per token: the padded tokens' outputs are dropped unprojected
         x = shortcut + self.drop_path(x)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         maps = WindowAttentionMaps(probs, ws, shift, (H, W), (Hp, Wp)) if return_attention else None
