@@ -192,10 +192,12 @@ class PatchMerging(nn.Module):
         H, W = hw
         B, _, C = x.shape
         x = F.pad(x.view(B, H, W, C), (0, 0, 0, W % 2, 0, H % 2))  # B x H' x W' x C, H', W' even
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        hw = x.shape[1:3]
-        x = self.reduction(self.norm(x.view(B, -1, 4 * C)))
-        return x, tuple(hw)
+        hw = (x.shape[1] // 2, x.shape[2] // 2)
+        # channels ordered (0,0), (1,0), (0,1), (1,1) by (row, column) offset in the 2x2 group, as the original's
+        # concatenation of x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]: one copy instead of five
+        x = x.view(B, hw[0], 2, hw[1], 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, hw[0] * hw[1], 4 * C)
+        x = self.reduction(self.norm(x))
+        return x, hw
 
 
 class BasicLayer(nn.Module):
