@@ -79,3 +79,12 @@ def test_resnet_ddp_two_processes_with_synchronised_batchnorm(tiny_data, tmp_pat
     assert all(k.startswith('module.') for k in ckpt['teacher'])
     # the student's running statistics moved (BatchNorm in training mode, synchronised across ranks)
     assert ckpt['student']['module.backbone.backbone.bn1.num_batches_tracked'] > 0
+
+
+def test_head_widths_follow_the_flags(tmp_path):
+    trainer = build_trainer('swin_tiny', 'experiments/cpu/swin_demo.yaml', tmp_path,
+                            ('--head_hidden_dim', '96', '--head_bottleneck_dim', '48'))
+    for head in (trainer.student.head, trainer.student.head_dense, trainer.teacher.head_dense):
+        linears = [m for m in head.mlp.modules() if isinstance(m, torch.nn.Linear)]
+        assert [m.out_features for m in linears] == [96, 96, 48]
+        assert head.last_layer.weight_v.shape == (128, 48)
