@@ -187,8 +187,7 @@ SWEEP = [  # (precision, benchmark flags): the plain path, then each switch turn
     ('fp32', ['--train_args', '--clip_mode global']),
     ('bf16', ['--tcmalloc', 'False', '--flush_denormal', 'False']),
     ('bf16', []),
-    ('bf16', ['--compile', 'True']),
-]
+]  # --compile True is left out: compiling the Swin step on a 2-core CPU did not finish within 15 minutes
 
 
 def sweep(args):
