@@ -471,7 +471,7 @@ def train_esvit(args):
         online_knn = OnlineKNN.for_pretraining(args, config)
 
     # ============ training ============
-    log = utils.TrainingLog(args.output_dir, enabled=utils.is_main_process())
+    log = utils.TrainingLog(args.output_dir, enabled=utils.is_main_process(), first_epoch=start_epoch)
     start_time = time.time()
     print(f"Starting EsViT training from epoch {start_epoch}")
     with trainer.stop:  # SIGTERM / SIGINT: the current step ends, checkpoint.pth is written, exit 128 + signal
@@ -491,15 +491,17 @@ def train_esvit(args):
                 raise utils.UserError(f"{e}: training stopped, state saved to {nan_path}; try a lower --lr, "
                                       f"--clip_grad, or --use_fp16 false") from None
 
-            state = checkpoint_state(student, teacher, optimizer, epoch + 1, args, loss_fn, trainer.scaler)
-            utils.save_checkpoint(state, checkpoint_path)
-            if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-                utils.save_checkpoint(state, os.path.join(args.output_dir, f'checkpoint{epoch:04}.pth'))
             knn_stats = {}
             if online_knn is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
                 knn_stats = online_knn(getattr(teacher, 'module', teacher).backbone, epoch)
                 log.scalars(epoch, **{'knn/top1': knn_stats['knn_top1']})
+            # the epoch's log line goes before its checkpoint: a crash in between reruns the epoch (and the
+            # resumed run drops the line) instead of losing the line for good
             log.epoch({**{f'train_{k}': v for k, v in train_stats.items()}, **knn_stats, 'epoch': epoch})
+            state = checkpoint_state(student, teacher, optimizer, epoch + 1, args, loss_fn, trainer.scaler)
+            utils.save_checkpoint(state, checkpoint_path)
+            if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+                utils.save_checkpoint(state, os.path.join(args.output_dir, f'checkpoint{epoch:04}.pth'))
             if vis_image is not None and epoch % args.vis_freq == 0:
                 log.image('attention', attention_figure(getattr(teacher, 'module', teacher).backbone, vis_image), epoch)
     log.close()

@@ -333,16 +333,37 @@ class MetricLogger:
 class TrainingLog:
     """``log.txt`` (one JSON line per epoch) and TensorBoard scalars, written by the main process only."""
 
-    def __init__(self, output_dir, enabled=True):
+    def __init__(self, output_dir, enabled=True, first_epoch=None):
+        """``first_epoch``: the epoch a resumed run starts at; lines of later epochs (written before a crash
+        that came ahead of their checkpoint) are dropped, as those epochs run again."""
         self.output_dir = output_dir
         self.enabled = enabled
         self.writer = None
+        if enabled and first_epoch is not None:
+            self._drop_epochs_from(first_epoch)
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.writer = SummaryWriter(log_dir=os.path.join(output_dir, 'tb'))
             except ImportError:  # tensorboard is optional at run time
                 print("tensorboard is not installed: TensorBoard scalars are not written")
+
+    def _drop_epochs_from(self, first_epoch):
+        path = os.path.join(self.output_dir, 'log.txt')
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            lines = f.readlines()
+        def before_first_epoch(line):  # a line cut short by a crash is dropped too
+            try:
+                return json.loads(line).get('epoch', -1) < first_epoch
+            except ValueError:
+                return False
+        kept = [line for line in lines if before_first_epoch(line)]
+        if len(kept) < len(lines):
+            with open(path + '.tmp', 'w') as f:
+                f.writelines(kept)
+            os.replace(path + '.tmp', path)
 
     def scalars(self, step, **values):
         if self.writer is not None:
