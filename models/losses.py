@@ -114,12 +114,18 @@ class MatchedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
+    def scaled_by_image(logits, temp):
+        """c x B x T_s x K logits -> B x (c*T_s) x K float32 ``logits / temp``, one pass."""
+        crops, batch, n_student, k = logits.shape
+        s = torch.empty(batch, crops, n_student, k, device=logits.device)
+        torch.mul(logits.transpose(0, 1), 1. / temp, out=s)
+        return s.flatten(1, 2)
+
+    @staticmethod
     def forward(ctx, logits, teacher_probs, match, temp):
         crops, batch, n_student = logits.shape[:3]
         teacher_mass = teacher_probs.sum(-1)                                          # 2 x B x T_t (1 up to rounding)
-        s = torch.empty(batch, crops, n_student, logits.shape[-1], device=logits.device)  # B x c x T_s x K
-        torch.mul(logits.transpose(0, 1), 1. / temp, out=s)
-        s = s.flatten(1, 2)                                                            # B x (c*T_s) x K
+        s = MatchedCrossEntropy.scaled_by_image(logits, temp)                          # B x (c*T_s) x K
         lse = torch.logsumexp(s, dim=-1)                                               # B x (c*T_s)
         matched = match.permute(0, 2, 1, 3).flatten(2)                                 # 2 x B x (c*T_s)
         ce = torch.stack([lse * mass.gather(-1, view_match)
@@ -136,9 +142,7 @@ class MatchedCrossEntropy(torch.autograd.Function):
         grad_ce = grad_ce.transpose(1, 2).flatten(2)                                   # 2 x B x (c*T_s)
         # d ce[v] / d s = softmax(s) * mass(q_v) - q_v, and s = logits / temp
         weight = sum(g * mass.gather(-1, m) for g, mass, m in zip(grad_ce, teacher_mass, matched))  # B x (c*T_s)
-        grad_s = torch.empty(batch, crops, n_student, logits.shape[-1], device=logits.device)
-        torch.mul(logits.transpose(0, 1), 1. / ctx.temp, out=grad_s)
-        grad_s = grad_s.flatten(1, 2)                                                  # B x (c*T_s) x K
+        grad_s = MatchedCrossEntropy.scaled_by_image(logits, ctx.temp)                 # B x (c*T_s) x K
         grad_s.sub_(lse[..., None]).exp_().mul_(weight[..., None])
         for q, g, view_match in zip(teacher_probs, grad_ce, matched):
             one_hot = g.new_zeros(*view_match.shape, q.shape[1])                        # B x (c*T_s) x T_t
