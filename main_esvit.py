@@ -510,6 +510,5 @@ def train_esvit(args):
 
 if __name__ == '__main__':
     args = parse_args()
-    utils.preload_tcmalloc(args.tcmalloc)
-    torch.set_flush_denormal(args.flush_denormal)  # before the first parallel op: its threads inherit the mode
+    utils.setup_cpu_runtime(args.tcmalloc, args.flush_denormal)
     utils.run_main(train_esvit, args)

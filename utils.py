@@ -46,25 +46,25 @@ def run_main(main, args):
             dist.destroy_process_group()
 
 
-def preload_tcmalloc(enabled=True):
-    """Re-execute this process with tcmalloc preloaded, when it is installed (Debian: libtcmalloc-minimal4) and
-    not loaded yet. glibc's malloc hands every freed block above 32 MB (activations, [tokens x 65536] logits)
-    back to the OS, so each step page-faults them in again; tcmalloc keeps them (about 15 % of a CPU step,
-    see README, Performance). A no-op on other systems, when ``enabled`` is false, or when the restart
-    already happened (``ESVIT_MALLOC`` set)."""
+def setup_cpu_runtime(tcmalloc=True, flush_denormal=True):
+    """Call first thing in an entry script. ``tcmalloc``: re-execute this process with tcmalloc preloaded, when it
+    is installed (Debian: libtcmalloc-minimal4) and not loaded yet; glibc's malloc hands every freed block above
+    32 MB (activations, [tokens x 65536] logits) back to the OS, so each step page-faults them in again, and
+    tcmalloc keeps them (a third of the CPU step, see README, Performance). A no-op off Linux or once the
+    restart happened (``ESVIT_MALLOC`` names the allocator). ``flush_denormal``: flush float32 denormals to
+    zero, before the first parallel op so that the OpenMP threads inherit the mode."""
     import ctypes.util
-    if not enabled or os.environ.get('ESVIT_MALLOC') or not sys.platform.startswith('linux'):
-        return
-    os.environ['ESVIT_MALLOC'] = 'system'
-    if 'tcmalloc' in os.environ.get('LD_PRELOAD', ''):
-        return
-    library = ctypes.util.find_library('tcmalloc_minimal') or ctypes.util.find_library('tcmalloc')
-    if library is None:
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    env = dict(os.environ, ESVIT_MALLOC=library, LD_PRELOAD=' '.join(filter(None, [library, os.environ.get('LD_PRELOAD')])))
-    os.execve(sys.executable, sys.orig_argv, env)
+    if tcmalloc and sys.platform.startswith('linux') and not os.environ.get('ESVIT_MALLOC'):
+        preloaded = 'tcmalloc' in os.environ.get('LD_PRELOAD', '')
+        os.environ['ESVIT_MALLOC'] = 'tcmalloc (LD_PRELOAD)' if preloaded else 'system'
+        library = None if preloaded else (ctypes.util.find_library('tcmalloc_minimal')
+                                          or ctypes.util.find_library('tcmalloc'))
+        if library is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            preload = ' '.join(filter(None, [library, os.environ.get('LD_PRELOAD')]))
+            os.execve(sys.executable, sys.orig_argv, dict(os.environ, ESVIT_MALLOC=library, LD_PRELOAD=preload))
+    torch.set_flush_denormal(flush_denormal)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ class SwinTransformerBlock(nn.Module):
             # qkv bias, so project only the real tokens and pad with the bias (same values, fewer FLOPs).
             qkv = F.pad(F.linear(x, self.attn.qkv.weight), (0, 0, 0, pad_w, 0, pad_h))  # B x Hp x Wp x 3C
             if self.attn.qkv.bias is not None:
-                qkv = qkv + self.attn.qkv.bias
+                qkv.add_(self.attn.qkv.bias)
         else:
             qkv = self.attn.qkv(x)
         Hp, Wp = qkv.shape[1:3]

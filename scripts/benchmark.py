@@ -224,8 +224,7 @@ def sweep(args):
 def main():
     args = get_args()
     if not args.sweep:  # a sweep runs each row in a subprocess, with or without tcmalloc
-        utils.preload_tcmalloc(args.tcmalloc)
-        torch.set_flush_denormal(args.flush_denormal)
+        utils.setup_cpu_runtime(args.tcmalloc, args.flush_denormal)
     os.chdir(ROOT)
     if args.sweep:
         return sweep(args)
