@@ -10,11 +10,24 @@ Gradient accumulation: with ``loss.defer_center_update = True`` a forward only r
 statistics and ``loss.update_center()``, called at the optimizer step, moves the centers once with the
 statistics of all the micro-batches since the last step (as one batch of their total size would).
 """
+import functools
+
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def float32_loss(forward):
+    """Run a loss's ``forward(student_output, teacher_output, epoch)`` with autocast off: under bf16 autocast
+    the 65536-wide matched dot products and similarities would be bf16 matmuls, 3e-4 off the float32 loss."""
+    @functools.wraps(forward)
+    def run(self, student_output, teacher_output, epoch):
+        first = student_output[0] if isinstance(student_output, (tuple, list)) else student_output
+        with torch.autocast(first.device.type, enabled=False):
+            return forward(self, student_output, teacher_output, epoch)
+    return run
 
 
 class _CenteredDistillationLoss(nn.Module):
@@ -93,6 +106,7 @@ class DINOLoss(_CenteredDistillationLoss):
     """View-level loss: cross-entropy between the teacher's centred, sharpened distribution of each global
     view and the student's distribution of every other view, averaged over pairs."""
 
+    @float32_loss
     def forward(self, student_output, teacher_output, epoch):
         teacher_probs = self.teacher_probs(teacher_output, self.center, epoch)
         ce = self.view_cross_entropy(student_output, teacher_probs)  # 2 x V
@@ -175,6 +189,7 @@ class DDINOLoss(_CenteredDistillationLoss):
             raise ValueError(f"local_crops_number {local_crops_number} does not add up to ncrops - 2 = {ncrops - 2}")
         self.crops_per_group = [2] + [n for n in local_crops_number if n > 0]
 
+    @float32_loss
     def forward(self, student_output, teacher_output, epoch):
         s_cls_out, s_region_out, s_fea, s_npatch = student_output
         t_cls_out, t_region_out, t_fea, t_npatch = teacher_output
