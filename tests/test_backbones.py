@@ -23,7 +23,7 @@ def build_trainer(arch, cfg, tmp_path, extra=()):
     argv = ['--arch', arch, '--out_dim', '128', '--use_dense_prediction', 'True', '--local_crops_number', '2',
             '--local_crops_size', '32', '--batch_size_per_gpu', '4', '--warmup_epochs', '0', '--lr', '0.01',
             '--norm_last_layer', 'false', '--momentum_teacher', '0.9', '--epochs', '4',
-            '--output_dir', str(tmp_path), *extra]
+            '--output_dir', str(tmp_path), '--precision', 'fp32', *extra]
     if cfg:
         argv += ['--cfg', cfg]
     args = main_esvit.parse_args(argv)
@@ -69,7 +69,7 @@ def test_resnet_ddp_two_processes_with_synchronised_batchnorm(tiny_data, tmp_pat
            'main_esvit.py', '--arch', 'resnet18', '--data_path', tiny_data, '--output_dir', str(out),
            '--epochs', '1', '--batch_size_per_gpu', '8', '--num_workers', '0', '--out_dim', '128',
            '--use_dense_prediction', 'True', '--local_crops_number', '2', '--local_crops_size', '32',
-           '--print_freq', '1000', 'TRAIN.IMAGE_SIZE', '[64, 64]']
+           '--print_freq', '1000', '--precision', 'fp32', 'TRAIN.IMAGE_SIZE', '[64, 64]']
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

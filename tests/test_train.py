@@ -15,7 +15,8 @@ from conftest import ROOT
 TINY = ['--cfg', 'experiments/cpu/swin_demo.yaml', '--arch', 'swin_tiny', '--out_dim', '256',
         '--local_crops_number', '2', '--local_crops_size', '16', '--batch_size_per_gpu', '8',
         '--num_workers', '0', '--warmup_epochs', '0', '--lr', '0.005', '--use_dense_prediction', 'True',
-        '--norm_last_layer', 'false', '--print_freq', '100', '--saveckp_freq', '1', '--momentum_teacher', '0.9']
+        '--norm_last_layer', 'false', '--print_freq', '100', '--saveckp_freq', '1', '--momentum_teacher', '0.9',
+        '--precision', 'fp32']  # exact comparisons: not --precision auto, which is bf16 on some CPUs
 TINY_OPTS = ['MODEL.SPEC.DEPTHS', '[1, 1]', 'MODEL.SPEC.NUM_HEADS', '[1, 2]', 'MODEL.SPEC.DIM_EMBED', '16',
              'TRAIN.IMAGE_SIZE', '[32, 32]']
 
@@ -145,3 +146,21 @@ def test_vis_freq_logs_an_attention_picture_to_tensorboard(tiny_data, tmp_path):
     assert 'attention' in events.Tags()['images']
     picture = events.Images('attention')[0]
     assert picture.width > 32 and picture.height > 32
+
+
+@pytest.mark.parametrize('speedup,use_fp16,expected', [
+    (2.5, 'True', torch.bfloat16),   # e.g. an AMD EPYC with AVX-512-BF16
+    (0.5, 'True', None),             # e.g. a Xeon without AMX: bf16 would be slower
+    (2.5, 'False', None),            # mixed precision off
+])
+def test_precision_auto_on_cpu_follows_the_measured_bf16_speedup(monkeypatch, speedup, use_fp16, expected):
+    monkeypatch.setattr(utils, 'bf16_matmul_speedup', lambda: speedup)
+    args = main_esvit.parse_args(['--use_fp16', use_fp16])
+    args.device = torch.device('cpu')
+    assert main_esvit.resolve_precision(args) == (expected, False)
+    args.precision = 'fp32'
+    assert main_esvit.resolve_precision(args) == (None, False)
+
+
+def test_bf16_matmul_speedup_is_measured():
+    assert 0.05 < utils.bf16_matmul_speedup(n=256, reps=2) < 100
