@@ -12,6 +12,7 @@ and written to ``knn.json``. The functions here are reused by eval_linear.py and
 by main_esvit.py (``--knn_freq``).
 """
 import argparse
+import functools
 import json
 import os
 
@@ -23,7 +24,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 import utils
-from datasets import build_dataset, demo_data_path
+from datasets import build_dataset, demo_data_path, worker_init, worker_nice
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 from main_esvit import DEMO_CFG, load_config
 from models.pretrained import build_frozen_backbone
@@ -127,11 +128,14 @@ class IndexedDataset(Dataset):
 
 def build_eval_loader(dataset, batch_size, num_workers):
     """In-order loader over ``IndexedDataset(dataset)``; one shard per rank when distributed (the sampler
-    pads the shards to equal length with repeated samples, which :func:`extract_features` tolerates)."""
+    pads the shards to equal length with repeated samples, which :func:`extract_features` tolerates).
+    Workers at the lowest priority when the model runs on the CPU (see ``datasets.worker_nice``)."""
     indexed = IndexedDataset(dataset)
     sampler = DistributedSampler(indexed, shuffle=False) if utils.is_dist() else SequentialSampler(indexed)
+    nice = worker_nice(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))
     return DataLoader(indexed, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=False)
+                      pin_memory=torch.cuda.is_available(), drop_last=False,
+                      worker_init_fn=functools.partial(worker_init, nice=nice))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,10 +8,11 @@
         -> ImageFolderDataset(data_path) or ZipImageFolder(data_path if a file else data_path/train.zip);
            items (image, class_index); .num_bad_images, .bad_images; DataError for unusable paths
     loader = build_loader(dataset, batch_size, num_workers, distributed: bool, seed=0, drop_last=True,
-                          step_batches=1)
+                          step_batches=1, nice=worker_nice(device))
         -> DataLoader with DistributedEpochSampler (distributed) or EpochRandomSampler; the same global
            order and per-sample augmentation seeds (seed, epoch, index) for any number of processes;
-           pinned memory when CUDA is available; epochs of whole steps of `step_batches` micro-batches
+           pinned memory when CUDA is available; epochs of whole steps of `step_batches` micro-batches;
+           workers at the lowest scheduling priority when the model runs on the CPU
     set_epoch(loader, epoch, start_batch=0)  # before each epoch: reproducible order and augmentations,
                                              # also after a resume (start_batch: mid-epoch)
     demo_data_path(split='train' | 'val', cache_dir=None) -> ImageFolder root of the committed
@@ -24,13 +25,13 @@ Data sources and licences: see datasets/fashion_mnist.py.
 from .fashion_mnist import (FASHION_MNIST_CLASSES, demo_data_path, fashion_mnist_folder,
                             load_fashion_mnist)
 from .folder import (DataError, ImageFolderDataset, ZipImageFolder, build_dataset)
-from .loader import DistributedEpochSampler, EpochRandomSampler, build_loader, set_epoch
+from .loader import DistributedEpochSampler, EpochRandomSampler, build_loader, set_epoch, worker_init, worker_nice
 from .transforms import (DataAugmentationDEIT, DataAugmentationDINO, MultiCropTransform,
                          build_transform)
 
 __all__ = [
     'FASHION_MNIST_CLASSES', 'demo_data_path', 'fashion_mnist_folder', 'load_fashion_mnist',
     'DataError', 'ImageFolderDataset', 'ZipImageFolder', 'build_dataset',
-    'DistributedEpochSampler', 'EpochRandomSampler', 'build_loader', 'set_epoch',
+    'DistributedEpochSampler', 'EpochRandomSampler', 'build_loader', 'set_epoch', 'worker_init', 'worker_nice',
     'DataAugmentationDEIT', 'DataAugmentationDINO', 'MultiCropTransform', 'build_transform',
 ]

@@ -1,6 +1,7 @@
 import argparse
 import io
 import logging
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -15,7 +16,7 @@ from torchvision.transforms import ToTensor
 
 from datasets import (FASHION_MNIST_CLASSES, DataAugmentationDEIT, DataAugmentationDINO, DataError,
                       EpochRandomSampler, ImageFolderDataset, ZipImageFolder, build_dataset, build_loader,
-                      build_transform, demo_data_path, fashion_mnist_folder, load_fashion_mnist)
+                      build_transform, demo_data_path, fashion_mnist_folder, load_fashion_mnist, worker_nice)
 from datasets.fashion_mnist import DEMO_SPLITS, FASHION_MNIST_DIR
 
 
@@ -202,6 +203,28 @@ def test_loader_batches_multicrop_views_and_reshuffles_per_epoch(image_folder):
         loader.sampler.set_epoch(epoch)
         orders.append(list(loader.sampler))
     assert orders[0] == orders[2] != orders[1] and sorted(orders[0]) == list(range(9))
+
+
+class WorkerNiceness(torch.utils.data.Dataset):
+    """Each item: the niceness of the process that loads it, and a random draw (the augmentation stream)."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return torch.tensor([os.nice(0), torch.randint(1000, ()).item()])
+
+
+def test_cpu_runs_load_data_in_workers_at_the_lowest_priority():
+    assert worker_nice(torch.device('cpu')) == 19 and worker_nice(torch.device('cuda')) == 0
+    parent = os.nice(0)
+    batches = {}
+    for nice in (0, 19):
+        loader = build_loader(WorkerNiceness(), batch_size=2, num_workers=2, distributed=False, seed=1, nice=nice)
+        batches[nice] = torch.cat(list(loader))
+    assert batches[19][:, 0].tolist() == [min(parent + 19, 19)] * 4 and batches[0][:, 0].tolist() == [parent] * 4
+    assert torch.equal(batches[19][:, 1], batches[0][:, 1])  # same samples, same augmentation draws
+    assert os.nice(0) == parent
 
 
 def test_loader_distributed_uses_distributed_sampler(image_folder, tmp_path):
