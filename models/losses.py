@@ -52,8 +52,10 @@ class _CenteredDistillationLoss(nn.Module):
         return float(self.teacher_temp_schedule[min(int(epoch), len(self.teacher_temp_schedule) - 1)])
 
     def teacher_probs(self, teacher_out, center, epoch):
-        """softmax((t - center) / tau_t), no gradient. ... x K -> ... x K"""
-        centered = teacher_out.detach() - center                                       # float32, one pass
+        """softmax((t - center) / tau_t), no gradient, float32 and contiguous whatever the layout of
+        ``teacher_out``. ... x K -> ... x K"""
+        centered = torch.empty(teacher_out.shape, device=teacher_out.device)
+        torch.sub(teacher_out.detach(), center, out=centered)                          # one pass
         return F.softmax(centered.div_(self.teacher_temp(epoch)), dim=-1)
 
     def view_cross_entropy(self, student_cls_out, teacher_cls_probs):
@@ -117,14 +119,15 @@ class DINOLoss(_CenteredDistillationLoss):
 
 class MatchedCrossEntropy(torch.autograd.Function):
     """Region cross-entropies of one resolution group against both teacher views:
-    ``ce[v, c, b, s] = -sum_k q[v, b, match[v, c, b, s], k] * log_softmax(logits[c, b, s] / temp)_k``.
+    ``ce[v, c, b, s] = -sum_k q[b, v, match[v, c, b, s], k] * log_softmax(logits[c, b, s] / temp)_k``.
 
-    ``logits`` c x B x T_s x K (student crops of one size), ``teacher_probs`` 2 x B x T_t x K (no gradient),
-    ``match`` 2 x c x B x T_s indices of teacher tokens. Because ``-q . log_softmax(s) = mass(q) lse(s) - q . s``,
-    the matched dot products are read off one batched matmul per teacher view, image by image,
-    ``s_b @ q_vb^T`` ((c*T_s) x T_t), instead of gathering a K-long teacher row per student token; backward is
-    the product of a one-hot matrix of the incoming gradients with the teacher rows. Each K-long row is read
-    a few times instead of once per crop and view; only the logits and their log-sum-exp are kept for backward.
+    ``logits`` c x B x T_s x K (student crops of one size), ``teacher_probs`` B x 2 x T_t x K (no gradient; both
+    views of an image side by side), ``match`` 2 x c x B x T_s indices of teacher tokens. Because
+    ``-q . log_softmax(s) = mass(q) lse(s) - q . s``, the matched dot products are read off one batched matmul
+    per image against the tokens of both views, ``s_b @ q_b^T`` ((c*T_s) x 2T_t), instead of gathering a K-long
+    teacher row per student token; backward is the product of a one-hot matrix of the incoming gradients with
+    the teacher rows. Each K-long row is read a few times instead of once per crop and view; only the logits
+    and their log-sum-exp are kept for backward.
     """
 
     @staticmethod
@@ -136,31 +139,39 @@ class MatchedCrossEntropy(torch.autograd.Function):
         return s.flatten(1, 2)
 
     @staticmethod
+    def matched_columns(match, n_teacher):
+        """2 x c x B x T_s token indices per view -> 2 x B x (c*T_s) columns of the 2T_t teacher rows of an image."""
+        views = torch.arange(2, device=match.device).view(2, 1, 1) * n_teacher
+        return match.permute(0, 2, 1, 3).flatten(2) + views
+
+    @staticmethod
     def forward(ctx, logits, teacher_probs, match, temp):
         crops, batch, n_student = logits.shape[:3]
-        teacher_mass = teacher_probs.sum(-1)                                          # 2 x B x T_t (1 up to rounding)
+        q = teacher_probs.flatten(1, 2)                                                # B x 2T_t x K
+        teacher_mass = q.sum(-1)                                                       # B x 2T_t (1 up to rounding)
         s = MatchedCrossEntropy.scaled_by_image(logits, temp)                          # B x (c*T_s) x K
         lse = torch.logsumexp(s, dim=-1)                                               # B x (c*T_s)
-        matched = match.permute(0, 2, 1, 3).flatten(2)                                 # 2 x B x (c*T_s)
-        ce = torch.stack([lse * mass.gather(-1, view_match)
-                          - torch.bmm(s, q.transpose(1, 2)).gather(-1, view_match[..., None])[..., 0]
-                          for q, mass, view_match in zip(teacher_probs, teacher_mass, matched)])  # 2 x B x (c*T_s)
-        ctx.save_for_backward(logits, teacher_probs, teacher_mass, matched, lse)
+        columns = MatchedCrossEntropy.matched_columns(match, teacher_probs.shape[2])   # 2 x B x (c*T_s)
+        dots = torch.bmm(s, q.transpose(1, 2))                                         # B x (c*T_s) x 2T_t
+        ce = torch.stack([lse * teacher_mass.gather(-1, view_columns)
+                          - dots.gather(-1, view_columns[..., None])[..., 0] for view_columns in columns])
+        ctx.save_for_backward(logits, q, teacher_mass, columns, lse)
         ctx.temp = temp
         return ce.view(2, batch, crops, n_student).transpose(1, 2)                     # 2 x c x B x T_s
 
     @staticmethod
     def backward(ctx, grad_ce):                                                       # 2 x c x B x T_s
-        logits, teacher_probs, teacher_mass, matched, lse = ctx.saved_tensors
+        logits, q, teacher_mass, columns, lse = ctx.saved_tensors
         crops, batch, n_student = logits.shape[:3]
         grad_ce = grad_ce.transpose(1, 2).flatten(2)                                   # 2 x B x (c*T_s)
         # d ce[v] / d s = softmax(s) * mass(q_v) - q_v, and s = logits / temp
-        weight = sum(g * mass.gather(-1, m) for g, mass, m in zip(grad_ce, teacher_mass, matched))  # B x (c*T_s)
+        weight = sum(g * teacher_mass.gather(-1, m) for g, m in zip(grad_ce, columns))  # B x (c*T_s)
         grad_s = MatchedCrossEntropy.scaled_by_image(logits, ctx.temp)                 # B x (c*T_s) x K
         grad_s.sub_(lse[..., None]).exp_().mul_(weight[..., None])
-        for q, g, view_match in zip(teacher_probs, grad_ce, matched):
-            one_hot = g.new_zeros(*view_match.shape, q.shape[1])                        # B x (c*T_s) x T_t
-            grad_s.baddbmm_(one_hot.scatter_(-1, view_match[..., None], g[..., None]), q, alpha=-1)
+        one_hot = grad_s.new_zeros(*columns.shape[1:], q.shape[1])                     # B x (c*T_s) x 2T_t
+        for g, view_columns in zip(grad_ce, columns):  # the views' columns are disjoint
+            one_hot.scatter_(-1, view_columns[..., None], g[..., None])
+        grad_s.baddbmm_(one_hot, q, alpha=-1)
         grad = torch.empty_like(logits)
         torch.div(grad_s.view(batch, crops, n_student, -1).transpose(0, 1), ctx.temp, out=grad)
         return grad, None, None, None
@@ -206,8 +217,8 @@ class DDINOLoss(_CenteredDistillationLoss):
         view_ce = self.view_cross_entropy(s_cls_out, t_cls_probs)                      # 2 x V
 
         C, K = t_fea.shape[-1], t_region_out.shape[-1]
-        t_region_probs = self.teacher_probs(t_region_out, self.center_grid, epoch)     # (2*B*T_t) x K
-        t_region_probs = t_region_probs.view(2, batch, n_teacher_tokens, K)
+        t_region_by_image = t_region_out.view(2, batch, n_teacher_tokens, K).transpose(0, 1)  # B x 2 x T_t x K
+        t_region_probs = self.teacher_probs(t_region_by_image, self.center_grid, epoch)  # contiguous, same shape
         t_fea_unit = F.normalize(t_fea.detach().float(), dim=-1).view(2, batch, n_teacher_tokens, C)
 
         # per resolution group: for every student region token and teacher view, the teacher token of that
