@@ -37,7 +37,8 @@ def get_args():
     p.add_argument('--local_crops_number', type=int, nargs='+', default=[8])
     p.add_argument('--out_dim', type=int, default=65536)
     p.add_argument('--use_dense_prediction', type=utils.bool_flag, default=True)
-    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
+    p.add_argument('--precision', default='fp32', choices=['auto', 'fp32', 'bf16', 'fp16'],
+                   help="as main_esvit.py's --precision (auto: its default choice on this device)")
     p.add_argument('--compile', type=utils.bool_flag, default=False, help='torch.compile the backbones')
     p.add_argument('--tcmalloc', type=utils.bool_flag, default=True,
                    help='restart with tcmalloc preloaded when installed, as main_esvit.py does (False: glibc malloc)')
@@ -160,11 +161,13 @@ def benchmark(args):
     with FlopCounterMode(display=False) as counter:
         trainer.backward(trainer.forward_loss(crops, epoch=1, it=100))
     flops = counter.get_total_flops()
-    dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.precision]
+    dtype = trainer.autocast_dtype or torch.float32
     peak = matmul_peak(device, dtype)
+    precision = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[dtype]
     step_time = sum(phases.values())
     result = {
-        'arch': args.arch, 'precision': args.precision, 'compile': args.compile, 'train_args': args.train_args,
+        'arch': args.arch, 'precision': precision if args.precision != 'auto' else f'auto: {precision}',
+        'compile': args.compile, 'train_args': args.train_args,
         'batch_size': args.batch_size, 'crops': f"2x{args.global_size}+" + '+'.join(
             f"{n}x{s}" for n, s in zip(args.local_crops_number, args.local_size)),
         'out_dim': args.out_dim, 'dense': args.use_dense_prediction, 'device': str(device),
@@ -187,6 +190,7 @@ SWEEP = [  # (precision, benchmark flags): the plain path, then each switch turn
     ('fp32', ['--train_args', '--clip_mode global']),
     ('bf16', ['--tcmalloc', 'False', '--flush_denormal', 'False']),
     ('bf16', []),
+    ('auto', []),
 ]  # --compile True is left out: compiling the Swin step on a 2-core CPU did not finish within 15 minutes
 
 
