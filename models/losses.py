@@ -122,7 +122,8 @@ class MatchedCrossEntropy(torch.autograd.Function):
     ``ce[v, c, b, s] = -sum_k q[b, v, match[v, c, b, s], k] * log_softmax(logits[c, b, s] / temp)_k``.
 
     ``logits`` c x B x T_s x K (student crops of one size), ``teacher_probs`` B x 2 x T_t x K (no gradient; both
-    views of an image side by side), ``match`` 2 x c x B x T_s indices of teacher tokens. Because
+    views of an image side by side), ``teacher_mass`` = ``teacher_probs.sum(-1)`` (computed once for all groups),
+    ``match`` 2 x c x B x T_s indices of teacher tokens. Because
     ``-q . log_softmax(s) = mass(q) lse(s) - q . s``, the matched dot products are read off one batched matmul
     per image against the tokens of both views, ``s_b @ q_b^T`` ((c*T_s) x 2T_t), instead of gathering a K-long
     teacher row per student token; backward is the product of a one-hot matrix of the incoming gradients with
@@ -145,10 +146,10 @@ class MatchedCrossEntropy(torch.autograd.Function):
         return match.permute(0, 2, 1, 3).flatten(2) + views
 
     @staticmethod
-    def forward(ctx, logits, teacher_probs, match, temp):
+    def forward(ctx, logits, teacher_probs, teacher_mass, match, temp):
         crops, batch, n_student = logits.shape[:3]
         q = teacher_probs.flatten(1, 2)                                                # B x 2T_t x K
-        teacher_mass = q.sum(-1)                                                       # B x 2T_t (1 up to rounding)
+        teacher_mass = teacher_mass.flatten(1)                                         # B x 2T_t (1 up to rounding)
         s = MatchedCrossEntropy.scaled_by_image(logits, temp)                          # B x (c*T_s) x K
         lse = torch.logsumexp(s, dim=-1)                                               # B x (c*T_s)
         columns = MatchedCrossEntropy.matched_columns(match, teacher_probs.shape[2])   # 2 x B x (c*T_s)
@@ -174,7 +175,7 @@ class MatchedCrossEntropy(torch.autograd.Function):
         grad_s.baddbmm_(one_hot, q, alpha=-1)
         grad = torch.empty_like(logits)
         torch.div(grad_s.view(batch, crops, n_student, -1).transpose(0, 1), ctx.temp, out=grad)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 class DDINOLoss(_CenteredDistillationLoss):
@@ -219,6 +220,7 @@ class DDINOLoss(_CenteredDistillationLoss):
         C, K = t_fea.shape[-1], t_region_out.shape[-1]
         t_region_by_image = t_region_out.view(2, batch, n_teacher_tokens, K).transpose(0, 1)  # B x 2 x T_t x K
         t_region_probs = self.teacher_probs(t_region_by_image, self.center_grid, epoch)  # contiguous, same shape
+        t_region_mass = t_region_probs.sum(-1)                                         # B x 2 x T_t
         t_fea_unit = F.normalize(t_fea.detach().float(), dim=-1).view(2, batch, n_teacher_tokens, C)
 
         # per resolution group: for every student region token and teacher view, the teacher token of that
@@ -229,7 +231,7 @@ class DDINOLoss(_CenteredDistillationLoss):
                                                      s_region_out.split(rows)):
             s_fea_unit = F.normalize(s_fea_group.detach().float(), dim=-1).view(c, batch, n, C)
             sim = torch.einsum('cbsd,vbtd->vcbst', s_fea_unit, t_fea_unit)               # 2 x c x B x T_s x T_t
-            ce = MatchedCrossEntropy.apply(s_region_group.view(c, batch, n, K), t_region_probs,
+            ce = MatchedCrossEntropy.apply(s_region_group.view(c, batch, n, K), t_region_probs, t_region_mass,
                                            sim.argmax(dim=-1), self.student_temp)        # 2 x c x B x T_s
             region_ce.append(ce.flatten(2).mean(-1))                                    # 2 x c
         region_ce = torch.cat(region_ce, dim=1)                                         # 2 x V

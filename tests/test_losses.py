@@ -167,7 +167,8 @@ def test_matched_cross_entropy_equals_autograd_of_the_plain_formula(crops, batch
     teacher = torch.randn(2, batch, teacher_tokens, 11, generator=g).softmax(-1)
     match = torch.randint(0, teacher_tokens, (2, crops, batch, student_tokens), generator=g)
     weights = torch.rand(2, crops, batch, student_tokens, generator=g)
-    fused = MatchedCrossEntropy.apply(logits, teacher.transpose(0, 1).contiguous(), match, 0.1)  # B x 2 x T_t x K
+    by_image = teacher.transpose(0, 1).contiguous()  # B x 2 x T_t x K
+    fused = MatchedCrossEntropy.apply(logits, by_image, by_image.sum(-1), match, 0.1)
     (fused * weights).sum().backward()
     fused_grad = logits.grad.clone()
     logits.grad = None
