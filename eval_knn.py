@@ -25,7 +25,7 @@ from torchvision.transforms import InterpolationMode
 
 import utils
 from datasets import build_dataset, demo_data_path, worker_init, worker_nice
-from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
+from datasets.transforms import to_normalized_tensor
 from main_esvit import DEMO_CFG, load_config
 from models.pretrained import build_frozen_backbone
 
@@ -87,8 +87,7 @@ def eval_transform(image_size, resize_size=None):
     return T.Compose([
         T.Resize(resize_size or round(image_size * 256 / 224), interpolation=InterpolationMode.BICUBIC),
         T.CenterCrop(image_size),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        to_normalized_tensor,
     ])
 
 

@@ -28,7 +28,7 @@ from torchvision import transforms as T
 
 import utils
 from datasets import DistributedEpochSampler, EpochRandomSampler, build_loader, set_epoch
-from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
+from datasets.transforms import to_normalized_tensor
 from eval_knn import (build_eval_loader, build_train_val_datasets, eval_transform, extract_features,
                       get_backbone_args_parser, make_output_dir, parse_args)
 from main_esvit import load_config
@@ -72,8 +72,7 @@ def train_transform(image_size):
     return T.Compose([
         T.RandomResizedCrop(image_size),
         T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        to_normalized_tensor,
     ])
 
 

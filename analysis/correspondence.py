@@ -18,7 +18,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 import utils
-from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
+from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, to_normalized_tensor
 
 BICUBIC = InterpolationMode.BICUBIC
 
@@ -167,7 +167,7 @@ class FlipPair:
         flipped = TF.hflip(view)
         if self.jitter is not None:
             flipped = self.jitter(flipped)
-        return normalize(TF.to_tensor(view)), normalize(TF.to_tensor(flipped))
+        return to_normalized_tensor(view), to_normalized_tensor(flipped)
 
 
 @torch.no_grad()

@@ -1,7 +1,10 @@
 """Image datasets over class folders or a zip of class folders, robust to unreadable images.
 
 Both return (image, class_index) and present the ImageFolder interface (root, classes, class_to_idx,
-samples, targets). An unreadable image (truncated, not an image at all) is, with on_bad_image='skip',
+samples, targets). Images come out as PIL images in RGB, or in 'L' when the file holds one grey band
+(Fashion-MNIST, the grey JPEGs of ImageNet): every transform of this project ends with
+`datasets.transforms.to_normalized_tensor`, which gives 3 channels either way, and DINO's augmentations then
+work on one band instead of three identical ones (the same pixels: tests/test_datasets.py). An unreadable image (truncated, not an image at all) is, with on_bad_image='skip',
 replaced by the next readable sample, flagged in shared memory (so counts hold across DataLoader workers)
 and logged once; with on_bad_image='fail' it raises DataError naming the file.
 """
@@ -28,10 +31,20 @@ class DataError(ValueError):
     """A data path or file that cannot be used; the message names it."""
 
 
-def load_rgb(file):
-    """Decode an image (path or binary file object) once and return it in RGB."""
+GREY_MODES = ('1', 'L', 'I', 'I;16', 'F')  # PIL modes with one grey band
+
+
+def load_image(file):
+    """Decode an image (path or binary file object) once: 'L' if it holds one grey band, else RGB."""
     image = Image.open(file)
     image.load()
+    mode = 'L' if image.mode in GREY_MODES else 'RGB'
+    return image if image.mode == mode else image.convert(mode)
+
+
+def load_rgb(file):
+    """Decode an image (path or binary file object) once and return it in RGB."""
+    image = load_image(file)
     return image if image.mode == 'RGB' else image.convert('RGB')
 
 
@@ -113,7 +126,7 @@ class ImageFolderDataset(RobustImageDataset, ImageFolder):
 
     def read_image(self, path):
         with open(path, 'rb') as file:
-            return load_rgb(file)
+            return load_image(file)
 
 
 def _zip_class_members(zip_path, prefix):
@@ -161,7 +174,7 @@ class ZipImageFolder(RobustImageDataset):
     def read_image(self, member):
         if self._archive_pid != os.getpid():
             self._archive, self._archive_pid = zipfile.ZipFile(self.root), os.getpid()
-        return load_rgb(io.BytesIO(self._archive.read(member)))
+        return load_image(io.BytesIO(self._archive.read(member)))
 
     def describe(self, member):
         return f"{member} in {self.root}"

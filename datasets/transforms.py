@@ -7,12 +7,23 @@ group by group, in the order of `local_crops_size` (e.g. numbers [6, 2] and size
 from collections.abc import Sequence
 
 import torch
+import torchvision.transforms.functional as TF
 from PIL import ImageFilter
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_MEAN, _STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def to_normalized_tensor(image):
+    """PIL image in RGB or 'L' -> 3 x H x W float, normalised with the ImageNet mean and std.
+
+    The last step of every transform here (ToTensor + Normalize). A grey image's band is broadcast to the
+    three channels by the subtraction, so the views of grey images are augmented on one band, not three
+    identical ones, and come out exactly as their RGB copies would."""
+    return (TF.to_tensor(image) - _MEAN).div_(_STD)
 
 
 def _as_list(value):
@@ -79,8 +90,9 @@ class DataAugmentationDINO(MultiCropTransform):
     """DINO multi-crop: bicubic random resized crops, flip, colour jitter, grayscale, blur, solarisation.
 
     Blur is applied with probability 1.0 to the first global view, 0.1 to the second (which is also
-    solarised with probability 0.2) and 0.5 to the local views. All steps but the last two act on the PIL
-    image, converted to a tensor once per view.
+    solarised with probability 0.2) and 0.5 to the local views. All steps but the last act on the PIL
+    image (one band for a grey image: hue, saturation and grayscale are then identities), converted to a
+    tensor once per view.
     """
 
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number, local_crops_size=96,
@@ -99,7 +111,7 @@ class DataAugmentationDINO(MultiCropTransform):
             ]
             if solarize_p:
                 steps.append(T.RandomSolarize(threshold=128, p=solarize_p))
-            steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+            steps.append(to_normalized_tensor)
             return T.Compose(steps)
 
         local_groups = local_crop_groups(local_crops_number, local_crops_size)
@@ -110,7 +122,8 @@ class DataAugmentationDINO(MultiCropTransform):
 
 
 class DataAugmentationDEIT(MultiCropTransform):
-    """DeiT training transform (timm: RandAugment, colour jitter, random erasing) for every view."""
+    """DeiT training transform (timm: RandAugment, colour jitter, random erasing) for every view, of the
+    image in RGB (timm's steps expect three bands)."""
 
     def __init__(self, local_crops_number, local_crops_size=96, global_crops_size=224, color_jitter=0.4,
                  auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic', re_prob=0.25, re_mode='pixel',
@@ -125,6 +138,9 @@ class DataAugmentationDEIT(MultiCropTransform):
         local_groups = local_crop_groups(local_crops_number, local_crops_size)
         super().__init__([view(global_crops_size), view(global_crops_size)],
                          [view(size) for _, size in local_groups], global_crops_size, local_groups)
+
+    def __call__(self, image):
+        return super().__call__(image.convert('RGB'))
 
 
 def _dino_from_args(args, global_crops_size):

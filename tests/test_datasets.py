@@ -18,6 +18,9 @@ from datasets import (FASHION_MNIST_CLASSES, DataAugmentationDEIT, DataAugmentat
                       EpochRandomSampler, ImageFolderDataset, ZipImageFolder, build_dataset, build_loader,
                       build_transform, demo_data_path, fashion_mnist_folder, load_fashion_mnist, worker_nice)
 from datasets.fashion_mnist import DEMO_SPLITS, FASHION_MNIST_DIR
+from datasets.folder import load_image, load_rgb
+from datasets.transforms import to_normalized_tensor
+from eval_knn import eval_transform
 
 
 def random_image(size, mode='RGB', seed=0):
@@ -45,7 +48,7 @@ def image_folder(tmp_path):
 
 
 def small_tensor(image):
-    return ToTensor()(image.resize((16, 16)))
+    return to_normalized_tensor(image.resize((16, 16)))
 
 
 def zip_folder(folder, zip_path, prefix=''):
@@ -96,10 +99,29 @@ def test_dino_views_differ_and_solarize_blur_only_where_configured():
     assert not torch.equal(a, b)
 
 
+def test_grey_images_are_augmented_on_one_band_into_the_views_of_their_rgb_copy():
+    grey_png = io.BytesIO()
+    random_image(28, 'L', seed=5).save(grey_png, format='PNG')
+    grey = load_image(grey_png)
+    assert grey.mode == 'L' and load_rgb(grey_png).mode == 'RGB'
+    dino = DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), [2], [32], global_crops_size=64)
+    for transform in (dino, eval_transform(64)):
+        for seed in range(12):  # enough draws for jitter, grayscale, blur and solarisation to happen
+            torch.manual_seed(seed)
+            from_grey = transform(grey)
+            torch.manual_seed(seed)
+            from_rgb = transform(grey.convert('RGB'))
+            for view_grey, view_rgb in zip(*(v if isinstance(v, list) else [v] for v in (from_grey, from_rgb))):
+                assert view_grey.shape == view_rgb.shape and view_grey.shape[0] == 3
+                assert torch.equal(view_grey, view_rgb)
+    assert not torch.equal(*dino(grey)[:2])
+
+
 def test_deit_aug_and_unknown_option():
     transform = build_transform(dino_args(aug_opt='deit_aug'), global_crops_size=64)
     assert isinstance(transform, DataAugmentationDEIT)
     assert [tuple(c.shape) for c in transform(random_image(40))] == [(3, 64, 64)] * 2 + [(3, 32, 32)] * 2
+    assert [tuple(c.shape) for c in transform(random_image(40, 'L'))] == [(3, 64, 64)] * 2 + [(3, 32, 32)] * 2
     with pytest.raises(ValueError, match='dino_aug, deit_aug'):
         build_transform(dino_args(aug_opt='mocov2_aug'))
     with pytest.raises(ValueError, match='same length'):
@@ -117,7 +139,9 @@ def test_folder_and_zip_give_identical_samples(image_folder, tmp_path):
     assert folder.targets == archive.targets
     for index in range(len(folder)):
         (image_f, target_f), (image_z, target_z) = folder[index], archive[index]
-        assert image_f.shape[0] == 3 and torch.equal(image_f, image_z) and target_f == target_z
+        assert torch.equal(image_f, image_z) and target_f == target_z
+        grey = Path(folder.samples[index][0]).name == 'b.png'  # RGBA and RGB come out in RGB, L stays L
+        assert image_f.shape[0] == (1 if grey else 3)
 
 
 def test_build_dataset_zip_mode_finds_train_zip_and_prefix(image_folder, tmp_path):
@@ -146,7 +170,7 @@ def test_zip_dataset_with_two_workers_counts_bad_images_across_workers(image_fol
 def test_bad_images_are_skipped_counted_and_logged_once(image_folder, caplog):
     (image_folder / 'cat' / 'truncated.jpg').write_bytes(jpeg_bytes(0)[:500])
     (image_folder / 'emu' / 'text.jpg').write_text('this is not a JPEG')
-    dataset = ImageFolderDataset(image_folder, transform=ToTensor())
+    dataset = ImageFolderDataset(image_folder, transform=to_normalized_tensor)
     assert len(dataset) == 11
     with caplog.at_level(logging.WARNING, logger='datasets.folder'):
         for _ in range(2):
@@ -247,7 +271,7 @@ def test_demo_data_extracts_once_with_ten_classes(tmp_path):
         assert dataset.classes == sorted(FASHION_MNIST_CLASSES)
         assert np.bincount(dataset.targets).tolist() == [per_class] * 10
         image, _ = dataset[0]
-        assert image.size == (28, 28) and image.mode == 'RGB'
+        assert image.size == (28, 28) and image.mode == 'L'
     marker = root / dataset.classes[0]
     stamp = marker.stat().st_mtime_ns
     assert demo_data_path('val', cache_dir=tmp_path) == root and marker.stat().st_mtime_ns == stamp
