@@ -29,9 +29,9 @@ def normalize(images):
 
 
 def network_input(image, size):
-    """PIL image -> 3 x S x S tensor in [0, 1], resized to a square (as the original); ``normalize`` it for the
-    backbone."""
-    return TF.to_tensor(TF.resize(image, [size, size], interpolation=BICUBIC))
+    """PIL image (any mode) -> 3 x S x S RGB tensor in [0, 1], resized to a square (as the original);
+    ``normalize`` it for the backbone."""
+    return TF.to_tensor(TF.resize(image.convert('RGB'), [size, size], interpolation=BICUBIC))
 
 
 def colour_jitter():
@@ -142,7 +142,7 @@ def random_view_pair(image, size, second_image=None):
     """View 1: ``image`` resized to size x size. View 2: a random crop of 40-60% of ``second_image`` (default
     ``image``), resized, flipped with probability 0.5 and colour-jittered. Uses torch's global RNG."""
     view1 = network_input(image, size)
-    source = image if second_image is None else second_image
+    source = (image if second_image is None else second_image).convert('RGB')
     top, left, height, width = T.RandomResizedCrop.get_params(source, scale=(0.4, 0.6), ratio=(3 / 4, 4 / 3))
     view2 = TF.resized_crop(source, top, left, height, width, [size, size], interpolation=BICUBIC)
     flipped = bool(torch.rand(1) < 0.5)
