@@ -6,7 +6,9 @@
         transform(pil_image) -> [global1, global2, *locals]  # tensors 3 x S x S, S = transform.crop_sizes()[i]
     dataset = build_dataset(data_path, transform, zip_mode=False, on_bad_image='skip', zip_prefix='')
         -> ImageFolderDataset(data_path) or ZipImageFolder(data_path if a file else data_path/train.zip);
-           items (image, class_index); .num_bad_images, .bad_images; DataError for unusable paths
+           items (PIL image in RGB, or 'L' for one grey band, class_index); .num_bad_images, .bad_images;
+           DataError for unusable paths
+    to_normalized_tensor(pil_image) -> 3 x H x W, ImageNet-normalised (the last step of every transform)
     loader = build_loader(dataset, batch_size, num_workers, distributed: bool, seed=0, drop_last=True,
                           step_batches=1, nice=worker_nice(device))
         -> DataLoader with DistributedEpochSampler (distributed) or EpochRandomSampler; the same global
@@ -27,11 +29,12 @@ from .fashion_mnist import (FASHION_MNIST_CLASSES, demo_data_path, fashion_mnist
 from .folder import (DataError, ImageFolderDataset, ZipImageFolder, build_dataset)
 from .loader import DistributedEpochSampler, EpochRandomSampler, build_loader, set_epoch, worker_init, worker_nice
 from .transforms import (DataAugmentationDEIT, DataAugmentationDINO, MultiCropTransform,
-                         build_transform)
+                         build_transform, to_normalized_tensor)
 
 __all__ = [
     'FASHION_MNIST_CLASSES', 'demo_data_path', 'fashion_mnist_folder', 'load_fashion_mnist',
     'DataError', 'ImageFolderDataset', 'ZipImageFolder', 'build_dataset',
     'DistributedEpochSampler', 'EpochRandomSampler', 'build_loader', 'set_epoch', 'worker_init', 'worker_nice',
     'DataAugmentationDEIT', 'DataAugmentationDINO', 'MultiCropTransform', 'build_transform',
+    'to_normalized_tensor',
 ]

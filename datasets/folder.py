@@ -4,9 +4,11 @@ Both return (image, class_index) and present the ImageFolder interface (root, cl
 samples, targets). Images come out as PIL images in RGB, or in 'L' when the file holds one grey band
 (Fashion-MNIST, the grey JPEGs of ImageNet): every transform of this project ends with
 `datasets.transforms.to_normalized_tensor`, which gives 3 channels either way, and DINO's augmentations then
-work on one band instead of three identical ones (the same pixels: tests/test_datasets.py). An unreadable image (truncated, not an image at all) is, with on_bad_image='skip',
-replaced by the next readable sample, flagged in shared memory (so counts hold across DataLoader workers)
-and logged once; with on_bad_image='fail' it raises DataError naming the file.
+work on one band instead of three identical ones (the same pixels: tests/test_datasets.py).
+
+An unreadable image (truncated, not an image at all) is, with on_bad_image='skip', replaced by the next
+readable sample, flagged in shared memory (so counts hold across DataLoader workers) and logged once; with
+on_bad_image='fail' it raises DataError naming the file.
 """
 import io
 import logging
