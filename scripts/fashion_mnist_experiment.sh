@@ -7,13 +7,12 @@
 # Pretraining uses the demo settings (main_esvit.DEMO_DEFAULTS: batch 32, lr 5e-4 x 32/256, 2 x 64 px global
 # and 4 x 32 px local crops, out_dim 4096, heads 512-512-128, --precision auto, workers at nice 19) on the first
 # PRETRAIN_PER_CLASS train images of each class for PRETRAIN_EPOCHS epochs: 10,000 images x 9 epochs = 2,808
-# steps, about 10 minutes for V and 14 for V+R on 2 idle cores of an AMD EPYC (bf16 there). A run still going
+# steps, 14-15 minutes for V and V+R on 2 idle cores of an AMD EPYC (bf16 there). A run still going
 # after PRETRAIN_MINUTES is stopped with SIGTERM, which saves its checkpoint (the pretraining log says where it
 # stopped); a variant whose OUT/<variant>/checkpoint.pth exists is not pretrained again (a fresh OUT starts
 # over). The k-NN bank and the linear probe's training set are the first TRAIN_PER_CLASS train images of each
 # class (default: all 60,000), the test set the first TEST_PER_CLASS test images of each class (default: all
-# 10,000); the probe trains on cached features
-# (--cache_features True). The table is written to OUT/results.md.
+# 10,000); the probe trains on cached features (--cache_features True). The table is written to OUT/results.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-output/fashion_mnist}
