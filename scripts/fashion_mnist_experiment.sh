@@ -9,9 +9,10 @@
 # auto, workers at nice 19) on the first PRETRAIN_PER_CLASS train images of each class: 10,000 images x 7 epochs
 # for V (4,375 steps) and x 6 epochs for V+R (3,750 steps; its region loss makes a step ~20 % slower), so that
 # each usually fits its 15 minutes on 2 idle cores of an AMD EPYC (bf16 there) and its cosine schedules run to
-# their end (V: 14 min 13 s in one run, stopped 97 % through its last epoch in another). A run still going after PRETRAIN_MINUTES is stopped with SIGTERM, which saves its checkpoint (the
-# pretraining log says where it stopped); a variant whose OUT/<variant>/checkpoint.pth exists is not pretrained
-# again (a fresh OUT starts over). The k-NN bank and the linear probe's training set are the first
+# their end (V: 14 min 13 s in one run, stopped 97 % through its last epoch in another). A run still going
+# after PRETRAIN_MINUTES is stopped with SIGTERM, which saves its checkpoint (the pretraining log says where it
+# stopped); a variant whose OUT/<variant>/checkpoint.pth exists is not pretrained again (a fresh OUT starts
+# over). The k-NN bank and the linear probe's training set are the first
 # TRAIN_PER_CLASS train images of each class (default: all 60,000), the test set the first TEST_PER_CLASS test
 # images of each class (default: all 10,000); the probe trains on cached features (--cache_features True). The
 # table is written to OUT/results.md.
@@ -48,8 +49,10 @@ print(' '.join(f'--{k} ' + ' '.join(map(str, v if isinstance(v, list) else [v]))
 
 for variant in V VR; do
     [ -f "$OUT/$variant/checkpoint.pth" ] && continue
-    dense=$([ "$variant" = VR ] && echo True || echo False)
-    epochs=$([ "$variant" = VR ] && echo "$EPOCHS_VR" || echo "$EPOCHS_V")
+    case $variant in
+        V) dense=False epochs=$EPOCHS_V ;;
+        VR) dense=True epochs=$EPOCHS_VR ;;
+    esac
     status=0
     timeout -s TERM "${PRETRAIN_MINUTES}m" python main_esvit.py "${MODEL[@]}" "${DEMO[@]}" \
         --use_dense_prediction "$dense" --data_path "$OUT/pretrain" --epochs "$epochs" \
