@@ -30,7 +30,7 @@ DEMO_CFG = 'experiments/cpu/swin_demo.yaml'
 DEMO_DEFAULTS = dict(arch='swin_tiny', use_dense_prediction=True, out_dim=4096, head_hidden_dim=512,
                      head_bottleneck_dim=128, local_crops_number=[4],
                      local_crops_size=[32], local_crops_scale=[0.2, 0.5], global_crops_scale=[0.5, 1.0],
-                     batch_size_per_gpu=16, lr=0.001, warmup_epochs=0, momentum_teacher=0.99,
+                     batch_size_per_gpu=16, lr=0.001, warmup_epochs=0, momentum_teacher=0.98,
                      weight_decay=0.04, weight_decay_end=0.1, norm_last_layer=False, num_workers=2,
                      epochs=5, saveckp_freq=0)
 
