@@ -4,18 +4,17 @@
 #
 #   apt-get install dataset-fashion-mnist && bash scripts/fashion_mnist_experiment.sh [OUT]
 #
-# Pretraining uses the demo settings (main_esvit.DEMO_DEFAULTS: batch 16, lr 1e-3 x 16/256, teacher momentum
-# 0.98, 2 x 64 px global crops of scale 0.5-1 and 4 x 32 px local crops of scale 0.2-0.5, out_dim 4096, heads
-# 512-512-128, --precision auto, workers at nice 19) on the first PRETRAIN_PER_CLASS train images of each class:
-# 10,000 images x 7 epochs for V (4,375 steps) and x 6 epochs for V+R (3,750 steps; its region loss makes a step
-# ~20 % slower), so that each usually fits its 15 minutes on 2 idle cores of an AMD EPYC (bf16 there) and its
-# cosine schedules run to their end (V: 14 min 13 s in one run, stopped 97-99 % through its last epoch in
-# others). A run still going after PRETRAIN_MINUTES is stopped with SIGTERM, which saves its checkpoint (the
-# pretraining log says where it stopped); a variant whose OUT/<variant>/checkpoint.pth exists is not pretrained
-# again (a fresh OUT starts over). The k-NN bank and the linear probe's training set are the first
-# TRAIN_PER_CLASS train images of each class (default: all 60,000), the test set the first TEST_PER_CLASS test
-# images of each class (default: all 10,000); the probe trains on cached features (--cache_features True). The
-# table is written to OUT/results.md.
+# Pretraining uses the demo settings (main_esvit.DEMO_DEFAULTS, listed in the README's Fashion-MNIST section;
+# --precision auto, workers at nice 19) on the first PRETRAIN_PER_CLASS train images of each class: 10,000
+# images x 7 epochs for V (4,375 steps) and x 6 epochs for V+R (3,750 steps; its region loss makes a step ~20 %
+# slower), so that each usually fits its 15 minutes on 2 idle cores of an AMD EPYC (bf16 there) and its cosine
+# schedules run to their end (V: 14 min 13 s in one run, stopped 97-99 % through its last epoch in others). A
+# run still going after PRETRAIN_MINUTES is stopped with SIGTERM, which saves its checkpoint (the pretraining
+# log says where it stopped); a variant whose OUT/<variant>/checkpoint.pth exists is not pretrained again (a
+# fresh OUT starts over). The k-NN bank and the linear probe's training set are the first TRAIN_PER_CLASS train
+# images of each class (default: all 60,000), the test set the first TEST_PER_CLASS test images of each class
+# (default: all 10,000); the probe trains on cached features (--cache_features True). The table is written to
+# OUT/results.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-output/fashion_mnist}
