@@ -20,8 +20,8 @@ import sys
 
 import torch
 
-import main_esvit
 import utils
+from engine import parse_args as parse_training_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PORT = 29500
@@ -123,8 +123,8 @@ def launch(argv):
     if args.help:
         parser.print_help()
         print()
-        main_esvit.parse_args(['--help'])
-    main_esvit.parse_args(training_args)  # a misspelt or invalid flag stops here, on every node
+        parse_training_args(['--help'])
+    parse_training_args(training_args)  # a misspelt or invalid flag stops here, on every node
     command = torchrun_command(resolve_topology(args), training_args)
     env = {name: os.environ.get(name, value) for name, value in TORCHRUN_ENV.items()}
     print(shlex.join([f'{name}={value}' for name, value in env.items()] + command), flush=True)

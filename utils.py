@@ -1,11 +1,10 @@
-"""Helpers shared by the entry scripts: distributed set-up, schedules, gradients, logging, checkpoints."""
+"""Leaf helpers (no imports of this project): user errors and flags, the CPU runtime, distributed set-up,
+progress and log files, checkpoint files (atomic writes, safe reads, checked state-dict loading)."""
 import argparse
 import datetime
 import json
-import math
 import os
 import random
-import signal
 import sys
 import time
 from collections import defaultdict, deque
@@ -13,7 +12,6 @@ from collections import defaultdict, deque
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 
 class UserError(Exception):
@@ -31,13 +29,11 @@ def bool_flag(s):
 
 
 def run_main(main, args):
-    """Run ``main(args)``; a :class:`UserError` (or another known input error) becomes one line on stderr."""
-    from config import ConfigError
-    from datasets import DataError
-    from models import UnknownModelError
+    """Run ``main(args)``; a :class:`UserError` (the config's and the data's errors are ones) becomes one line on
+    stderr and exit status 2."""
     try:
         main(args)
-    except (UserError, ConfigError, UnknownModelError, DataError) as e:
+    except UserError as e:
         # errors raised in a DataLoader worker carry the worker's traceback after the first line
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
@@ -65,22 +61,6 @@ def setup_cpu_runtime(tcmalloc=True, flush_denormal=True):
             preload = ' '.join(filter(None, [library, os.environ.get('LD_PRELOAD')]))
             os.execve(sys.executable, sys.orig_argv, dict(os.environ, ESVIT_MALLOC=library, LD_PRELOAD=preload))
     torch.set_flush_denormal(flush_denormal)
-
-
-def bf16_matmul_speedup(n=1024, reps=5):
-    """How many times as fast an n x n bfloat16 matmul runs as a float32 one on this CPU (best of ``reps``
-    each, about 0.1 s): oneDNN's bf16 kernels are 2.5x float32 on some CPUs with AVX-512-BF16 and half of it
-    on others."""
-    def best_seconds(dtype):
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        a @ b  # first call: kernel selection
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - start)
-        return min(times)
-    return best_seconds(torch.float32) / best_seconds(torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -159,118 +139,19 @@ def any_process(flag, device):
     return flags.item() > 0
 
 
-class GracefulStop:
-    """While active (``with stop:``), SIGTERM and SIGINT do not end the process: they set ``signum`` and the
-    training loop ends its step, saves a checkpoint and stops. A second signal acts as usual."""
-    signals = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signum = None
-        self.previous = {}
-
-    def __enter__(self):
-        self.signum = None
-        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.signals}
-        return self
-
-    def __exit__(self, *exc_info):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        self.previous = {}
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        signal.signal(signum, self.previous[signum])
+def all_gather_cat(tensor):
+    """``tensor`` of every rank, concatenated along dim 0 in rank order (all ranks pass the same shape)."""
+    if not is_dist():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
 
 
 def fix_random_seeds(seed):
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-
-
-def has_batchnorms(model):
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# schedules, parameter groups, gradients
-# ---------------------------------------------------------------------------------------------------------
-def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
-    """Per-iteration values: linear warm-up from ``start_warmup_value``, then cosine to ``final_value``."""
-    warmup_iters = min(int(warmup_epochs * niter_per_ep), epochs * niter_per_ep)  # a run shorter than its warm-up
-    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
-    iters = np.arange(epochs * niter_per_ep - warmup_iters)
-    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / max(len(iters), 1)))
-    schedule = np.concatenate((warmup, schedule))
-    assert len(schedule) == epochs * niter_per_ep
-    return schedule
-
-
-def get_params_groups(model):
-    """Weight decay on weights; none on biases and 1-D (norm) parameters."""
-    regularized, not_regularized = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (not_regularized if name.endswith('.bias') or param.ndim == 1 else regularized).append(param)
-    return [{'params': regularized}, {'params': not_regularized, 'weight_decay': 0.}]
-
-
-def clip_gradients(model, clip, mode='per_tensor'):
-    """Clip gradients to norm ``clip``. ``per_tensor`` (the original's semantics) clips each parameter's
-    gradient separately; ``global`` clips the norm of all gradients together (as ``clip_grad_norm_``).
-    Works without a host sync per tensor. Returns the per-tensor norms (or the global norm) as a tensor."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return torch.zeros(0)
-    if mode == 'global':
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
-    norms = torch.stack(torch._foreach_norm(grads))                    # P
-    scales = (clip / (norms + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, list(scales.unbind()))
-    return norms
-
-
-def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
-    if epoch >= freeze_last_layer:
-        return
-    for name, param in model.named_parameters():
-        if 'last_layer' in name:
-            param.grad = None
-
-
-@torch.no_grad()
-def ema_update(teacher_params, student_params, momentum):
-    """teacher <- m * teacher + (1 - m) * student, fused over all tensors."""
-    torch._foreach_mul_(teacher_params, momentum)
-    torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
-
-
-class LARS(torch.optim.Optimizer):
-    """LARS (for convnets with large batches); no weight decay or scaling on 1-D parameters."""
-
-    def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, eta=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group['params']:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if p.ndim != 1:
-                    update = update.add(p, alpha=group['weight_decay'])
-                    param_norm, update_norm = torch.norm(p), torch.norm(update)
-                    trust = torch.where((param_norm > 0) & (update_norm > 0),
-                                        group['eta'] * param_norm / update_norm, torch.ones_like(param_norm))
-                    update = update.mul(trust)
-                state = self.state[p]
-                if 'mu' not in state:
-                    state['mu'] = torch.zeros_like(p)
-                mu = state['mu'].mul_(group['momentum']).add_(update)
-                p.add_(mu, alpha=-group['lr'])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -407,6 +288,17 @@ class TrainingLog:
 # ---------------------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------------------
+def make_output_dir(path):
+    """Create ``path`` (and its parents); a folder that cannot be made or written is a :class:`UserError`."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output dir {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"output dir {path} is not writable")
+    return path
+
+
 def plain_args(args):
     """``vars(args)`` reduced to plain data (no pickled classes in a checkpoint)."""
     def plain(v):
@@ -484,11 +376,3 @@ def load_state_dict_checked(module, state_dict, what):
                  f"shape mismatch: {short(mismatched)}" if mismatched else '']
         raise UserError(f"{what} does not match the model; " + '; '.join(p for p in parts if p))
     module.load_state_dict(state_dict, strict=True)
-
-
-def format_seconds(seconds):
-    return str(datetime.timedelta(seconds=int(seconds)))
-
-
-def is_finite(value):
-    return math.isfinite(value)

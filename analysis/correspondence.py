@@ -18,26 +18,15 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 import utils
-from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, to_normalized_tensor
+from datasets import center_view, colour_jitter, to_normalized_tensor
 
 BICUBIC = InterpolationMode.BICUBIC
-
-
-def normalize(images):
-    """[0, 1] RGB -> the backbone's input (ImageNet mean and std)."""
-    return TF.normalize(images, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def network_input(image, size):
     """PIL image (any mode) -> 3 x S x S RGB tensor in [0, 1], resized to a square (as the original);
     ``normalize`` it for the backbone."""
     return TF.to_tensor(TF.resize(image.convert('RGB'), [size, size], interpolation=BICUBIC))
-
-
-def colour_jitter():
-    """The colour part of DINO's view augmentation (PIL -> PIL)."""
-    return T.Compose([T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-                      T.RandomGrayscale(p=0.2)])
 
 
 def region_features(backbone, images):
@@ -148,7 +137,7 @@ def random_view_pair(image, size, second_image=None):
     flipped = bool(torch.rand(1) < 0.5)
     if flipped:
         view2 = TF.hflip(view2)
-    view2 = TF.to_tensor(colour_jitter()(view2))
+    view2 = TF.to_tensor(T.Compose(colour_jitter())(view2))
     if second_image is not None:
         return ViewPair(view1, view2)
     return ViewPair(view1, view2, (top, left, height, width), (source.height, source.width), flipped)
@@ -159,8 +148,8 @@ class FlipPair:
     ``jitter``) colour-jittered), both normalised 3 x S x S. The view is the centre crop of S/224*256 resize."""
 
     def __init__(self, size, jitter=True):
-        self.view = T.Compose([T.Resize(round(size * 256 / 224), interpolation=BICUBIC), T.CenterCrop(size)])
-        self.jitter = colour_jitter() if jitter else None
+        self.view = center_view(size)
+        self.jitter = T.Compose(colour_jitter()) if jitter else None
 
     def __call__(self, image):
         view = self.view(image)

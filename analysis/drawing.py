@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
+from datasets import denormalize
 from .attention import attention_views, block_attentions, entropy, entropy_order, mass_masks
 from .correspondence import feature_norm_map
 
@@ -26,13 +26,6 @@ GAP_PX = 8  # between the two views of a correspondence figure
 CAPTION_PX = 16
 MIN_VIEW_PX = 256  # views of a correspondence figure are shown at least this large
 SUPPORT_EPS = 1e-30  # probabilities below this are keys a query cannot attend to (masked or other windows)
-
-
-def denormalize(image):
-    """3 x S x S normalised tensor -> S x S x 3 float array in [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
-    return (image * std + mean).clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
 
 
 def upsample(maps, size):
@@ -215,7 +208,7 @@ def attention_figure(backbone, image):
     try:
         device = next(backbone.parameters()).device
         image = image.reshape(1, *image.shape[-3:]).to(device)
-        picture = denormalize(image[0])
+        picture = denormalize(image[0]).permute(1, 2, 0).float().cpu().numpy()  # S x S x 3 in [0, 1]
         size = image.shape[-1]
         if hasattr(backbone, 'forward_attention_maps'):
             block = block_attentions(backbone, image, n_last=1)[-1]

@@ -1,27 +1,48 @@
-"""YACS configuration: ``from config import config, update_config``.
+"""YACS configuration of the backbone: what ``--arch``, ``--cfg`` and trailing ``KEY VALUE`` pairs build.
 
-``update_config(config, args)`` merges, in order, the ``BASE:`` yamls (recursively, relative to
-the file that names them), ``args.cfg`` itself, then ``args.opts`` (trailing ``KEY VALUE``
-pairs), and freezes the result. A bad key or value raises :class:`ConfigError` with a one-line
-message naming the key and where it came from.
+    config = load_config(args)   # args.arch, args.cfg, args.opts -> a frozen, checked config
+    save_config(config, path)
+
+``load_config`` picks the original's yaml for a sized ``--arch`` given without ``--cfg`` (``swin_small``), then
+``update_config`` merges, in order, the ``BASE:`` yamls (recursively, relative to the file that names them), the
+yaml itself, then ``args.opts``. The result is checked against ``--arch`` (family and size) and built once on
+the meta device, so that a bad key, value or architecture is a :class:`ConfigError` with a one-line message
+before any data is read. Only ``MODEL.*`` and ``TRAIN.IMAGE_SIZE`` are read from a yaml; the original's yamls
+also carry supervised-training keys (``TRAIN.LR``, ``AUG.*``, ...), listed once in a note.
 """
 import ast
 import os
 import re
+from pathlib import Path
+from types import SimpleNamespace
 
+import torch
 import yaml
 from yacs.config import CfgNode as CN
 
+import utils
+from models import ModelError, build_model, registered_models
+from .archs import ARCHS, sized_arch_of
 from .default import _C
-from .models import SPEC_SCHEMAS, spec_schema
+from .specs import SPEC_SCHEMAS, spec_schema
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CFG = str(REPO_ROOT / 'experiments' / 'cpu' / 'swin_demo.yaml')  # the demo model, from any directory
+READ_KEYS = ('MODEL.', 'TRAIN.IMAGE_SIZE', 'BASE', 'NAME')  # what this project reads from a yaml
+COMMAND_LINE_FLAGS = {  # yaml keys of the original's supervised training -> the flag that decides here
+    'TRAIN.LR': '--lr', 'TRAIN.BATCH_SIZE_PER_GPU': '--batch_size_per_gpu', 'TRAIN.END_EPOCH': '--epochs',
+    'TRAIN.WD': '--weight_decay', 'TRAIN.OPTIMIZER': '--optimizer', 'TRAIN.CLIP_GRAD_NORM': '--clip_grad',
+    'WORKERS': '--num_workers', 'PRINT_FREQ': '--print_freq', 'AMP.ENABLED': '--use_fp16',
+}
+
+__all__ = ['config', 'load_config', 'update_config', 'save_config', 'get_default_config', 'ConfigError',
+           'SPEC_SCHEMAS', 'DEMO_CFG', 'REPO_ROOT', 'ARCHS']
 
 config = _C.clone()
 
-__all__ = ['config', 'update_config', 'save_config', 'get_default_config', 'ConfigError', 'SPEC_SCHEMAS']
 
-
-class ConfigError(ValueError):
-    """A configuration file or command-line override that cannot be applied."""
+class ConfigError(utils.UserError, ValueError):
+    """A configuration file, command-line override or architecture that cannot be applied."""
 
 
 def get_default_config():
@@ -115,10 +136,11 @@ def _model_name(sources, default):
     return name
 
 
-def update_config(config, args):
-    """Fill ``config`` from ``args.cfg`` (may be empty) and ``args.opts``, then freeze it."""
+def update_config(config, args, sources=None):
+    """Fill ``config`` from ``args.cfg`` (may be empty) and ``args.opts``, then freeze it; ``sources``: the yaml
+    chain of ``args.cfg`` when already read."""
     cfg_file = getattr(args, 'cfg', None)
-    sources = _read_yaml_chain(cfg_file) if cfg_file else []
+    sources = list(sources) if sources is not None else (_read_yaml_chain(cfg_file) if cfg_file else [])
     opts = [o for o in (getattr(args, 'opts', None) or []) if o != '--']
     sources.append(('command line', _opts_to_dict(opts)))
 
@@ -138,3 +160,82 @@ def save_config(cfg, path):
     with open(tmp, 'w') as f:
         f.write(cfg.dump())
     os.replace(tmp, path)
+
+
+def _flat_keys(content, prefix=''):
+    for key, value in content.items():
+        if isinstance(value, dict):
+            yield from _flat_keys(value, f'{prefix}{key}.')
+        else:
+            yield f'{prefix}{key}'
+
+
+def unread_keys_note(cfg_file, sources):
+    """One line naming the keys the yaml chain sets that nothing here reads (the original's supervised-training
+    keys), with the flags that decide instead; None when there are none."""
+    unread = {key for _, content in sources for key in _flat_keys(content) if not key.startswith(READ_KEYS)}
+    if not unread:
+        return None
+    decided = [f"{key} ({flag})" for key, flag in COMMAND_LINE_FLAGS.items() if key in unread]
+    return (f"note: {os.path.basename(cfg_file)} sets {len(unread)} keys of the original's supervised training, "
+            f"unread here (a yaml gives MODEL.* and TRAIN.IMAGE_SIZE)"
+            + (f"; the command line decides {', '.join(decided)}" if decided else ''))
+
+
+def _arch_error(arch):
+    sized = [name for name, a in ARCHS.items() if a.size]
+    families = [name for name, a in ARCHS.items() if not a.size]
+    resnets = [name for name in registered_models() if name.startswith(('resnet', 'resnext', 'wide_resnet'))]
+    return ConfigError(f"unknown --arch {arch!r}; known: {', '.join(sized)}; with --cfg: {', '.join(families)}; "
+                       f"torchvision: {', '.join(resnets)}")
+
+
+def load_config(args):
+    """The checked, frozen config of ``args.arch`` / ``args.cfg`` / ``args.opts``.
+
+    A sized ``--arch`` without ``--cfg`` builds the original's yaml for that size (printed); a family name
+    (``swin``) needs ``--cfg``. The merged ``MODEL.NAME`` must be the family of ``--arch``, and its
+    ``MODEL.SPEC`` may not be another named size of it (``--arch swin_small`` with a Swin-T yaml); a size of
+    its own (the CPU demo's small Swin, smaller test models) is accepted."""
+    arch_name = getattr(args, 'arch', None)
+    arch = ARCHS.get(arch_name) if arch_name else None
+    opts = list(getattr(args, 'opts', None) or [])
+    cfg_file = getattr(args, 'cfg', None)
+    if arch_name and arch is None:
+        if arch_name not in registered_models() or arch_name in {a.family for a in ARCHS.values()}:
+            raise _arch_error(arch_name)
+        opts = ['MODEL.NAME', arch_name] + opts  # a torchvision ResNet: no yaml, no spec
+    elif arch is not None and cfg_file is None:
+        if arch.cfg is None:
+            raise ConfigError(f"--arch {arch_name} names a family, not a size: add --cfg with its yaml, or use "
+                              + ', '.join(n for n, a in ARCHS.items() if a.family == arch.family and a.size))
+        cfg_file = str(REPO_ROOT / arch.cfg)
+        print(f"--arch {arch_name}: building {arch.cfg}")
+    elif arch_name is None and cfg_file is None:
+        raise ConfigError("no architecture given: pass --arch (e.g. swin_tiny) or --cfg with a yaml")
+    sources = _read_yaml_chain(cfg_file) if cfg_file else []
+    merged = update_config(get_default_config(), SimpleNamespace(cfg=cfg_file, opts=opts), sources)
+    if arch is not None:
+        check_arch(merged, arch_name, arch, cfg_file)
+    try:
+        with torch.device('meta'):  # every check of the builders, without allocating weights
+            build_model(merged)
+    except ModelError as e:
+        raise ConfigError(f"{os.path.basename(cfg_file) if cfg_file else 'command line'}: {e}") from None
+    note = unread_keys_note(cfg_file, sources) if cfg_file else None
+    if note:
+        print(note)
+    return merged
+
+
+def check_arch(merged, arch_name, arch, cfg_file):
+    source = os.path.basename(cfg_file) if cfg_file else 'the command line'
+    if merged.MODEL.NAME != arch.family:
+        raise ConfigError(f"--arch {arch_name} is a {arch.family} model but {source} has MODEL.NAME "
+                          f"{merged.MODEL.NAME or '(none)'}")
+    if arch.size:
+        built = sized_arch_of(merged.MODEL.SPEC, arch.family)
+        if built is not None and built != arch_name:
+            raise ConfigError(f"--arch {arch_name} but {source} builds a {built} "
+                              f"({', '.join(f'{k} {v}' for k, v in ARCHS[built].size.items())}): "
+                              f"pass the yaml of {arch_name} or --arch {built}")

@@ -2,7 +2,7 @@
 
 A yaml file or a trailing ``KEY VALUE`` pair may only set keys that exist here (or under a node
 created with ``new_allowed=True``); values must have the default's type. ``MODEL.SPEC`` is filled
-per architecture family from :mod:`config.models` once ``MODEL.NAME`` is known.
+per architecture family from :mod:`config.specs` once ``MODEL.NAME`` is known.
 """
 from yacs.config import CfgNode as CN
 
@@ -37,7 +37,7 @@ _C.MODEL.INIT_WEIGHTS = True
 _C.MODEL.PRETRAINED = ''
 _C.MODEL.PRETRAINED_LAYERS = ['*']
 _C.MODEL.NUM_CLASSES = 1000
-_C.MODEL.SPEC = CN()  # replaced by the family's schema (config/models.py)
+_C.MODEL.SPEC = CN()  # replaced by the family's schema (config/specs.py)
 
 _C.LOSS = CN(new_allowed=True)
 _C.LOSS.LABEL_SMOOTHING = 0.0

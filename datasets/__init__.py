@@ -9,6 +9,11 @@
            items (PIL image in RGB, or 'L' for one grey band, class_index); .num_bad_images, .bad_images;
            DataError for unusable paths
     to_normalized_tensor(pil_image) -> 3 x H x W, ImageNet-normalised (the last step of every transform)
+    normalize(images) / denormalize(images)  # [0, 1] RGB tensors <-> the backbone's input
+    eval_transform(image_size, resize_size=None)  # the evaluation view: resize, center crop, normalise
+    center_view(image_size, resize_size=None)     # the same view as a PIL image
+    probe_train_transform(image_size)             # the linear probe's training view
+    colour_jitter()                               # the colour steps of DINO's views (a list of PIL transforms)
     loader = build_loader(dataset, batch_size, num_workers, distributed: bool, seed=0, drop_last=True,
                           step_batches=1, nice=worker_nice(device))
         -> DataLoader with DistributedEpochSampler (distributed) or EpochRandomSampler; the same global
@@ -28,13 +33,15 @@ from .fashion_mnist import (FASHION_MNIST_CLASSES, demo_data_path, fashion_mnist
                             load_fashion_mnist)
 from .folder import (DataError, ImageFolderDataset, ZipImageFolder, build_dataset)
 from .loader import DistributedEpochSampler, EpochRandomSampler, build_loader, set_epoch, worker_init, worker_nice
-from .transforms import (DataAugmentationDEIT, DataAugmentationDINO, MultiCropTransform,
-                         build_transform, to_normalized_tensor)
+from .transforms import (DataAugmentationDEIT, DataAugmentationDINO, MultiCropTransform, build_transform,
+                         center_view, colour_jitter, denormalize, eval_transform, normalize, probe_train_transform,
+                         to_normalized_tensor)
 
 __all__ = [
     'FASHION_MNIST_CLASSES', 'demo_data_path', 'fashion_mnist_folder', 'load_fashion_mnist',
     'DataError', 'ImageFolderDataset', 'ZipImageFolder', 'build_dataset',
     'DistributedEpochSampler', 'EpochRandomSampler', 'build_loader', 'set_epoch', 'worker_init', 'worker_nice',
     'DataAugmentationDEIT', 'DataAugmentationDINO', 'MultiCropTransform', 'build_transform',
+    'center_view', 'colour_jitter', 'denormalize', 'eval_transform', 'normalize', 'probe_train_transform',
     'to_normalized_tensor',
 ]

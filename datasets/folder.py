@@ -23,13 +23,15 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+import utils
+
 logger = logging.getLogger(__name__)
 
 BAD_IMAGE_POLICIES = ('skip', 'fail')
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, zlib.error, zipfile.BadZipFile, Image.DecompressionBombError)
 
 
-class DataError(ValueError):
+class DataError(utils.UserError, ValueError):
     """A data path or file that cannot be used; the message names it."""
 
 

@@ -26,6 +26,40 @@ def to_normalized_tensor(image):
     return (TF.to_tensor(image) - _MEAN).div_(_STD)
 
 
+def normalize(images):
+    """... x 3 x H x W RGB in [0, 1] -> the backbone's input (ImageNet mean and std)."""
+    return (images - _MEAN.to(images.device)) / _STD.to(images.device)
+
+
+def denormalize(images):
+    """The inverse of :func:`normalize`, clamped to [0, 1]."""
+    return (images * _STD.to(images.device) + _MEAN.to(images.device)).clamp(0, 1)
+
+
+def colour_jitter():
+    """The colour part of DINO's view augmentation (PIL -> PIL): colour jitter with probability 0.8, then
+    grayscale with probability 0.2."""
+    return [T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2)]
+
+
+def center_view(image_size, resize_size=None):
+    """The evaluation view (PIL -> PIL): bicubic resize of the short side to ``resize_size`` (default
+    ``image_size * 256 / 224``), then the central ``image_size`` square."""
+    return T.Compose([T.Resize(resize_size or round(image_size * 256 / 224), interpolation=InterpolationMode.BICUBIC),
+                      T.CenterCrop(image_size)])
+
+
+def eval_transform(image_size, resize_size=None):
+    """:func:`center_view`, normalised: the input of k-NN, linear-probe validation and analysis."""
+    return T.Compose([center_view(image_size, resize_size), to_normalized_tensor])
+
+
+def probe_train_transform(image_size):
+    """The linear probe's training view: random resized crop (bilinear, as DINO's probe), flip, normalised."""
+    return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), to_normalized_tensor])
+
+
 def _as_list(value):
     return list(value) if isinstance(value, Sequence) else [value]
 
@@ -97,11 +131,7 @@ class DataAugmentationDINO(MultiCropTransform):
 
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number, local_crops_size=96,
                  global_crops_size=224):
-        flip_and_color_jitter = [
-            T.RandomHorizontalFlip(p=0.5),
-            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-        ]
+        flip_and_color_jitter = [T.RandomHorizontalFlip(p=0.5), *colour_jitter()]
 
         def view(size, scale, blur_p, solarize_p=0.0):
             steps = [

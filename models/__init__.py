@@ -1,8 +1,7 @@
 """Backbones, projection heads, the multi-crop wrapper and the EsViT losses."""
-from .registry import build_model, model_name_for_arch, register_model, registered_models, UnknownModelError
+from .registry import build_model, model_name_for_arch, register_model, registered_models, ModelError
 from .head import DINOHead
 from .multicrop import MultiCropWrapper
-from .losses import DINOLoss, DDINOLoss
 from .sync_batchnorm import convert_sync_batchnorm
 
 # Importing a backbone module registers its builder.

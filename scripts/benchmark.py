@@ -23,8 +23,9 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import main_esvit  # noqa: E402
 import utils  # noqa: E402
+from config import load_config  # noqa: E402
+from engine import build_trainer, parse_args  # noqa: E402
 
 
 def get_args():
@@ -57,7 +58,8 @@ def get_args():
     return p.parse_args()
 
 
-def build_trainer(args):
+def trainer_for(args):
+    """(main_esvit.py's arguments, the Trainer) of this benchmark's settings."""
     argv = ['--arch', args.arch, '--out_dim', str(args.out_dim), '--use_dense_prediction', str(args.use_dense_prediction),
             '--batch_size_per_gpu', str(args.batch_size), '--local_crops_number', *map(str, args.local_crops_number),
             '--local_crops_size', *map(str, args.local_size), '--precision', args.precision,
@@ -67,15 +69,10 @@ def build_trainer(args):
     if args.cfg:
         argv += ['--cfg', args.cfg]
     argv += list(args.opts or []) + ['TRAIN.IMAGE_SIZE', f'[{args.global_size}, {args.global_size}]']
-    train_args = main_esvit.parse_args(argv)
+    train_args = parse_args(argv)
     utils.init_distributed_mode(train_args)
     torch.manual_seed(0)
-    config = main_esvit.load_config(train_args)
-    student, teacher = main_esvit.build_student_teacher(train_args, config)
-    loss_fn = main_esvit.build_loss(train_args)
-    optimizer = main_esvit.build_optimizer(train_args, student)
-    schedules = main_esvit.Schedules(train_args, 100)
-    return train_args, main_esvit.Trainer(train_args, student, teacher, loss_fn, optimizer, schedules)
+    return train_args, build_trainer(train_args, load_config(train_args), steps_per_epoch=100)
 
 
 def synthetic_crops(args, device):
@@ -130,7 +127,7 @@ def peak_memory_gb(device):
 
 
 def benchmark(args):
-    train_args, trainer = build_trainer(args)
+    train_args, trainer = trainer_for(args)
     device = train_args.device
     crops = synthetic_crops(args, device)
     phases = {'forward': 0.0, 'backward': 0.0, 'optimizer': 0.0}

@@ -4,7 +4,7 @@
 #
 #   apt-get install dataset-fashion-mnist && bash scripts/fashion_mnist_experiment.sh [OUT]
 #
-# Pretraining uses the demo settings (main_esvit.DEMO_DEFAULTS, listed in the README's Fashion-MNIST section;
+# Pretraining uses the demo settings (engine.args.DEMO_DEFAULTS, listed in the README's Fashion-MNIST section;
 # --precision auto, workers at nice 19) on the first PRETRAIN_PER_CLASS train images of each class: 10,000
 # images x 7 epochs for V (4,375 steps) and x 6 epochs for V+R (3,750 steps; its region loss makes a step ~20 %
 # slower), so that each usually fits its 15 minutes on 2 idle cores of an AMD EPYC (bf16 there) and its cosine
@@ -42,7 +42,7 @@ EOF
 
 # the demo's settings as flags, but for the loss variant and the length of the run
 read -r -a DEMO <<< "$(python -c "
-from main_esvit import DEMO_DEFAULTS
+from engine import DEMO_DEFAULTS
 print(' '.join(f'--{k} ' + ' '.join(map(str, v if isinstance(v, list) else [v]))
                for k, v in DEMO_DEFAULTS.items() if k not in ('use_dense_prediction', 'epochs')))")"
 

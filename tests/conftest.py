@@ -1,16 +1,14 @@
-import argparse
 import json
 import os
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REFERENCE_DIR, ROOT
+
 sys.path.insert(0, str(ROOT))
-REFERENCE_DIR = Path(os.environ.get('ESVIT_REFERENCE_DIR', ROOT.parent / 'shared' / 'reference'))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -29,14 +27,6 @@ def reference():
             return json.loads(path.read_text())
         return torch.load(path, map_location='cpu', weights_only=True)
     return load
-
-
-def make_config(cfg=None, opts=()):
-    """A merged, frozen config from a yaml (relative to the repo root) and trailing opts."""
-    from config import get_default_config, update_config
-    config = get_default_config()
-    update_config(config, argparse.Namespace(cfg=str(ROOT / cfg) if cfg else None, opts=list(opts)))
-    return config
 
 
 @pytest.fixture(scope='session')

@@ -13,13 +13,14 @@ from einops import rearrange
 from PIL import Image
 
 import run_analysis
+from analysis.run import analyze
 import utils
 from analysis import attention_figure
 from analysis.attention import (block_attentions, entropy, entropy_order, mass_masks, window_attention_to_dense)
 from analysis.correspondence import (FlipPair, ViewPair, match_tokens, measure_correspondence, mirrored_index,
                                      pair_scores, region_features, top_pairs)
 from analysis.drawing import correspondence_figure_size, panel_grid_size
-from conftest import make_config
+from helpers import make_config
 from datasets import build_dataset
 from models import build_model
 from models.swin_transformer import window_partition
@@ -276,7 +277,7 @@ def test_attention_and_correspondence_pictures_are_written_and_indexed(tmp_path,
     args = analysis_args(tmp_path, arch, '--image_path', photo, '--vis_attention', 'True', '--vis_correspondence',
                          'True', '--n_last_blocks', '2', '--query_point', '0.5,0.5', '--top_k', '3',
                          '--pretrained_weights', str(tmp_path / 'checkpoint.pth'))
-    run_analysis.analyze(args)
+    analyze(args)
     assert 'Loaded the backbone' in capsys.readouterr().out
     folder = tmp_path / 'out' / 'synthetic'
     index = json.loads((folder / 'index.json').read_text())
@@ -297,7 +298,7 @@ def test_attention_and_correspondence_pictures_are_written_and_indexed(tmp_path,
 
 
 def test_resnet_attention_is_a_clear_message_and_a_feature_norm_map(tmp_path, photo, capsys):
-    run_analysis.analyze(analysis_args(tmp_path, 'resnet18', '--image_path', photo, '--vis_attention', 'True'))
+    analyze(analysis_args(tmp_path, 'resnet18', '--image_path', photo, '--vis_attention', 'True'))
     assert 'has no attention maps' in capsys.readouterr().out
     folder = tmp_path / 'out' / 'synthetic'
     assert png_size(folder / 'feature_norm.png') == panel_grid_size(2, 160)
@@ -309,7 +310,7 @@ def test_measure_correspondence_writes_means_and_per_image_scores(tmp_path, caps
     synthetic_folder(tmp_path / 'data' / 'val', count=2)  # the original's DATA/val layout
     args = analysis_args(tmp_path, arch, '--data_path', str(tmp_path / 'data'), '--measure_correspondence',
                          'True', '--batch_size_per_gpu', '2')
-    run_analysis.analyze(args)
+    analyze(args)
     results = json.loads((tmp_path / 'out' / 'data' / 'measure_correspondence.json').read_text())
     assert results['images'] == 2 and results['top_k'] == 10
     assert 0 <= results['accuracy'] <= 1 and results['position_error_px'] >= 0 and -1 <= results['similarity'] <= 1
@@ -327,7 +328,7 @@ def test_measure_correspondence_writes_means_and_per_image_scores(tmp_path, caps
 ])
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
-        utils.run_main(run_analysis.analyze, analysis_args(tmp_path, 'swin_tiny', *flags))
+        utils.run_main(analyze, analysis_args(tmp_path, 'swin_tiny', *flags))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1

@@ -6,35 +6,16 @@ import sys
 import pytest
 import torch
 
-import main_esvit
 import utils
-from conftest import ROOT
+from helpers import ROOT, build_trainer
 
 # (--arch, --cfg or None, global crop size) for each family, at CPU sizes
 BACKBONES = [
-    ('swin_tiny', 'experiments/cpu/swin_demo.yaml', 64),
+    ('swin', 'experiments/cpu/swin_demo.yaml', 64),
     ('cvt_tiny', 'experiments/cpu/cvt_tiny_cpu.yaml', 64),
     ('vil_2262', 'experiments/cpu/vil_tiny_cpu.yaml', 64),
     ('resnet18', None, 64),
 ]
-
-
-def build_trainer(arch, cfg, tmp_path, extra=()):
-    argv = ['--arch', arch, '--out_dim', '128', '--use_dense_prediction', 'True', '--local_crops_number', '2',
-            '--local_crops_size', '32', '--batch_size_per_gpu', '4', '--warmup_epochs', '0', '--lr', '0.01',
-            '--norm_last_layer', 'false', '--momentum_teacher', '0.9', '--epochs', '4',
-            '--output_dir', str(tmp_path), '--precision', 'fp32', *extra]
-    if cfg:
-        argv += ['--cfg', cfg]
-    args = main_esvit.parse_args(argv)
-    utils.init_distributed_mode(args)
-    torch.manual_seed(0)
-    os.chdir(ROOT)
-    config = main_esvit.load_config(args)
-    student, teacher = main_esvit.build_student_teacher(args, config)
-    loss_fn = main_esvit.build_loss(args)
-    optimizer = main_esvit.build_optimizer(args, student)
-    return main_esvit.Trainer(args, student, teacher, loss_fn, optimizer, main_esvit.Schedules(args, 8))
 
 
 @pytest.mark.parametrize('arch,cfg,size', BACKBONES, ids=[b[0] for b in BACKBONES])
@@ -49,7 +30,7 @@ def test_view_and_region_training_lowers_the_loss(arch, cfg, size, tmp_path):
 
 
 def test_vil_switches_to_full_attention_at_the_configured_epoch(tmp_path):
-    trainer = build_trainer('vil_2262', 'experiments/cpu/vil_tiny_cpu.yaml', tmp_path)   # MODE 1, switch 0.75
+    trainer = build_trainer('vil', 'experiments/cpu/vil_tiny_cpu.yaml', tmp_path)   # MODE 1, switch 0.75
     batch = ([torch.randn(4, 3, 64, 64) for _ in range(2)] + [torch.randn(4, 3, 32, 32) for _ in range(2)], None)
     log = utils.TrainingLog(str(tmp_path), enabled=False)
 
@@ -82,7 +63,7 @@ def test_resnet_ddp_two_processes_with_synchronised_batchnorm(tiny_data, tmp_pat
 
 
 def test_head_widths_follow_the_flags(tmp_path):
-    trainer = build_trainer('swin_tiny', 'experiments/cpu/swin_demo.yaml', tmp_path,
+    trainer = build_trainer('swin', 'experiments/cpu/swin_demo.yaml', tmp_path,
                             ('--head_hidden_dim', '96', '--head_bottleneck_dim', '48'))
     for head in (trainer.student.head, trainer.student.head_dense, trainer.teacher.head_dense):
         linears = [m for m in head.mlp.modules() if isinstance(m, torch.nn.Linear)]

@@ -8,10 +8,9 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
-from test_backbones import build_trainer
+from helpers import ROOT, build_trainer
 
-TINY_SWIN = ('swin_tiny', 'experiments/cpu/swin_demo.yaml')
+TINY_SWIN = ('swin', 'experiments/cpu/swin_demo.yaml')
 
 
 def run_tiny_benchmark(tmp_path, *flags):

@@ -4,7 +4,7 @@ import torch
 from einops import rearrange
 from timm.layers import DropPath
 
-from conftest import make_config
+from helpers import make_config
 from models import build_model
 from models.cvt_transformer import WindowAttention
 

@@ -20,7 +20,7 @@ from datasets import (FASHION_MNIST_CLASSES, DataAugmentationDEIT, DataAugmentat
 from datasets.fashion_mnist import DEMO_SPLITS, FASHION_MNIST_DIR
 from datasets.folder import load_image, load_rgb
 from datasets.transforms import to_normalized_tensor
-from eval_knn import eval_transform
+from datasets import eval_transform
 
 
 def random_image(size, mode='RGB', seed=0):

@@ -13,16 +13,13 @@ import torch.nn.functional as F
 
 import eval_knn
 import eval_linear
-import main_esvit
 import utils
-from conftest import ROOT, make_config
+from config import load_config
+from engine import build_student_teacher, parse_args, train_esvit
+from evaluation import knn, linear, parse_eval_args
+from evaluation.backbone import backbone_state_dict, build_frozen_backbone, load_pretrained_backbone
+from helpers import ROOT, TINY_MODEL, TINY_OPTS, make_config
 from models import build_model
-from models.pretrained import backbone_state_dict, build_frozen_backbone, load_pretrained_backbone
-
-# The tiny Swin of test_train.py (2 blocks, 32 px).
-TINY_MODEL = ['--cfg', 'experiments/cpu/swin_demo.yaml', '--arch', 'swin_tiny']
-TINY_OPTS = ['MODEL.SPEC.DEPTHS', '[1, 1]', 'MODEL.SPEC.NUM_HEADS', '[1, 2]', 'MODEL.SPEC.DIM_EMBED', '16',
-             'TRAIN.IMAGE_SIZE', '[32, 32]']
 TRAIN_PER_CLASS, VAL_PER_CLASS = (7, 7, 7, 6), (3, 3, 3, 2)  # odd totals: DistributedSampler pads the shards
 
 
@@ -58,9 +55,9 @@ def tiny_data(tmp_path_factory):
 def tiny_checkpoint(tmp_path_factory):
     """A randomly initialised tiny model saved in the original layout (student under module., with heads)."""
     torch.manual_seed(3)
-    args = main_esvit.parse_args(TINY_MODEL + ['--out_dim', '64', '--use_dense_prediction', 'True'] + TINY_OPTS)
+    args = parse_args(TINY_MODEL + ['--out_dim', '64', '--use_dense_prediction', 'True'] + TINY_OPTS)
     args.device = torch.device('cpu')
-    student, teacher = main_esvit.build_student_teacher(args, main_esvit.load_config(args))
+    student, teacher = build_student_teacher(args, load_config(args))
     path = tmp_path_factory.mktemp('ckpt') / 'checkpoint.pth'
     torch.save({'student': {f'module.{k}': v for k, v in student.state_dict().items()},
                 'teacher': teacher.state_dict(), 'epoch': 1}, path)
@@ -94,20 +91,20 @@ def test_weighted_vote_matches_a_hand_computation():
         score_1 = math.exp(similarities[1] / T) + math.exp(similarities[2] / T)
         expected = 0 if score_0 > score_1 else 1
         for label in (0, 1):
-            top1, top5 = eval_knn.knn_classifier(train, train_labels, test, torch.tensor([label]), k=3, T=T,
+            top1, top5 = knn.knn_classifier(train, train_labels, test, torch.tensor([label]), k=3, T=T,
                                                  num_classes=3)
             assert top1 == (100.0 if label == expected else 0.0) and top5 == 100.0
     # the weighting matters: two slightly farther neighbours outvote the nearest at T=0.07, not at T=0.01
-    assert eval_knn.knn_classifier(train, train_labels, test, torch.tensor([1]), 3, 0.07, 3)[0] == 100.0
-    assert eval_knn.knn_classifier(train, train_labels, test, torch.tensor([0]), 3, 0.01, 3)[0] == 100.0
-    assert eval_knn.knn_classifier(train, train_labels, test, torch.tensor([0]), 1, 0.07, 3)[0] == 100.0
+    assert knn.knn_classifier(train, train_labels, test, torch.tensor([1]), 3, 0.07, 3)[0] == 100.0
+    assert knn.knn_classifier(train, train_labels, test, torch.tensor([0]), 3, 0.01, 3)[0] == 100.0
+    assert knn.knn_classifier(train, train_labels, test, torch.tensor([0]), 1, 0.07, 3)[0] == 100.0
 
 
 def test_top5_counts_the_five_best_classes():
     # 6 neighbours of 6 classes at decreasing similarity: the 5th-ranked class is a top-5 hit, the 6th not
     train = torch.tensor([unit(a) for a in (1, 2, 3, 4, 5, 6)])
     test = torch.tensor([unit(0), unit(0)])
-    top1, top5 = eval_knn.knn_classifier(train, torch.arange(6), test, torch.tensor([4, 5]), 6, 0.07, 6)
+    top1, top5 = knn.knn_classifier(train, torch.arange(6), test, torch.tensor([4, 5]), 6, 0.07, 6)
     assert (top1, top5) == (0.0, 50.0)
 
 
@@ -126,13 +123,13 @@ def test_chunked_knn_matches_a_naive_loop():
     train = F.normalize(torch.randn(60, 8, generator=g), dim=1)
     test = F.normalize(torch.randn(25, 8, generator=g), dim=1)
     train_labels, test_labels = torch.randint(0, 4, (60,), generator=g), torch.randint(0, 4, (25,), generator=g)
-    results = eval_knn.knn_accuracies(train, train_labels, test, test_labels, [1, 5, 20], 0.1, 4,
+    results = knn.knn_accuracies(train, train_labels, test, test_labels, [1, 5, 20], 0.1, 4,
                                       chunk_elements=7 * 60)  # 7 test rows per chunk
     for k in (1, 5, 20):
         assert results[k][0] == pytest.approx(naive_knn(train, train_labels, test, test_labels, k, 0.1, 4))
-    assert results == eval_knn.knn_accuracies(train, train_labels, test, test_labels, [1, 5, 20], 0.1, 4)
+    assert results == knn.knn_accuracies(train, train_labels, test, test_labels, [1, 5, 20], 0.1, 4)
     with pytest.raises(ValueError):
-        eval_knn.knn_accuracies(train, train_labels, test, test_labels, [61], 0.1, 4)
+        knn.knn_accuracies(train, train_labels, test, test_labels, [61], 0.1, 4)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,12 +225,12 @@ def test_eval_knn_gives_the_same_features_with_one_and_two_processes(tiny_data, 
     result = run_script('eval_knn.py', command(2), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'top-1' in result.stdout
-    eval_knn.eval_knn(eval_knn.parse_args(eval_knn.get_args_parser(), command(1)))
+    knn.eval_knn(parse_eval_args(eval_knn.get_args_parser(), command(1)))
     runs = {}
     for nproc in (1, 2):
         dump = tmp_path / f'features{nproc}'
         runs[nproc] = {name: torch.load(dump / file, weights_only=True)
-                       for name, file in eval_knn.FEATURE_FILES.items()}
+                       for name, file in knn.FEATURE_FILES.items()}
         runs[nproc]['knn'] = json.loads((dump / 'knn.json').read_text())['knn']
     one, two = runs[1], runs[2]
     assert one['train_features'].shape == (sum(TRAIN_PER_CLASS), 32)
@@ -246,9 +243,9 @@ def test_eval_knn_gives_the_same_features_with_one_and_two_processes(tiny_data, 
     assert one['knn'] == two['knn'] and set(one['knn']) == {'1', '5'}
 
     # the saved features evaluate again without a model
-    args = eval_knn.parse_args(eval_knn.get_args_parser(), ['--load_features', str(tmp_path / 'features1'),
+    args = parse_eval_args(eval_knn.get_args_parser(), ['--load_features', str(tmp_path / 'features1'),
                                                             '--nb_knn', '1', '5', '--arch', 'swin_tiny'])
-    accuracies = eval_knn.eval_knn(args)
+    accuracies = knn.eval_knn(args)
     assert {str(k): {'top1': t1, 'top5': t5} for k, (t1, t5) in accuracies.items()} == one['knn']
 
 
@@ -263,10 +260,10 @@ def test_corrupt_checkpoint_is_a_one_line_error(tiny_data, tiny_checkpoint, tmp_
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: cannot read checkpoint') and str(truncated) in lines[0]
 
-    args = eval_linear.parse_args(eval_linear.get_args_parser(), eval_command(
+    args = parse_eval_args(eval_linear.get_args_parser(), eval_command(
         '--output_dir', str(tmp_path), data=tiny_data, weights=str(garbage)))
     with pytest.raises(SystemExit) as exit_info:
-        utils.run_main(eval_linear.eval_linear, args)
+        utils.run_main(linear.eval_linear, args)
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1 and str(garbage) in lines[0]
 
@@ -285,17 +282,17 @@ def test_eval_linear_trains_validates_resumes_and_evaluates(tiny_data, tiny_chec
     log = read_log(out)
     assert [entry['epoch'] for entry in log] == [0, 1] and all('test_acc1' in entry for entry in log)
     assert os.listdir(out / 'tb')
-    saved = torch.load(out / eval_linear.CHECKPOINT_NAME, weights_only=True)
+    saved = torch.load(out / linear.CHECKPOINT_NAME, weights_only=True)
     assert saved['epoch'] == 2 and saved['best_acc'] == max(entry['test_acc1'] for entry in log)
     assert saved['state_dict']['linear.weight'].shape == (4, 16 + 32)  # both blocks of the tiny Swin (of 4)
 
     # the same command with more epochs goes on from epoch 2; --evaluate reproduces the last validation
-    stats = eval_linear.eval_linear(eval_linear.parse_args(eval_linear.get_args_parser(), eval_command(
+    stats = linear.eval_linear(parse_eval_args(eval_linear.get_args_parser(), eval_command(
         '--output_dir', str(out), '--epochs', '3', '--lr', '1.0', '--val_freq', '5', data=tiny_data, weights=weights)))
     log = read_log(out)
     assert [entry['epoch'] for entry in log] == [0, 1, 2] and 'test_acc1' in log[2]
     assert stats['best_acc'] == max(entry['test_acc1'] for entry in log)
-    evaluated = eval_linear.eval_linear(eval_linear.parse_args(eval_linear.get_args_parser(), eval_command(
+    evaluated = linear.eval_linear(parse_eval_args(eval_linear.get_args_parser(), eval_command(
         '--output_dir', str(out), '--evaluate', data=tiny_data, weights=weights)))
     assert evaluated['acc1'] == pytest.approx(log[2]['test_acc1'])
 
@@ -303,14 +300,14 @@ def test_eval_linear_trains_validates_resumes_and_evaluates(tiny_data, tiny_chec
 def test_cached_features_probe_matches_its_validation(tiny_data, tiny_checkpoint, tmp_path):
     weights, _ = tiny_checkpoint
     out = tmp_path / 'cached'
-    args = eval_linear.parse_args(eval_linear.get_args_parser(), eval_command(
+    args = parse_eval_args(eval_linear.get_args_parser(), eval_command(
         '--output_dir', str(out), '--epochs', '3', '--lr', '1.0', '--cache_features', 'True',
         data=tiny_data, weights=weights))
-    eval_linear.eval_linear(args)
+    linear.eval_linear(args)
     log = read_log(out)
     assert len(log) == 3 and log[-1]['train_loss'] < log[0]['train_loss']
     # the classifier trained on cached features gives the same accuracy when the backbone runs on images
-    evaluated = eval_linear.eval_linear(eval_linear.parse_args(eval_linear.get_args_parser(), eval_command(
+    evaluated = linear.eval_linear(parse_eval_args(eval_linear.get_args_parser(), eval_command(
         '--output_dir', str(out), '--evaluate', data=tiny_data, weights=weights)))
     assert evaluated['acc1'] == pytest.approx(log[-1]['test_acc1'])
 
@@ -321,43 +318,43 @@ def test_linear_probe_separates_separable_features():
     labels = torch.arange(5).repeat(80)
     features = centers[labels] + torch.randn(len(labels), 32, generator=g)
     train, test = slice(0, 300), slice(300, 400)
-    classifier = eval_linear.LinearClassifier(32, 5)
+    classifier = linear.LinearClassifier(32, 5)
     optimizer = torch.optim.SGD(classifier.parameters(), 0.01, momentum=0.9)
-    batches = eval_linear.CachedFeatureBatches(features[train], labels[train], batch_size=32)
+    batches = linear.CachedFeatureBatches(features[train], labels[train], batch_size=32)
     for epoch in range(10):
         batches.set_epoch(epoch)
-        eval_linear.train_one_epoch(classifier, torch.nn.Identity(), optimizer, batches, epoch,
+        linear.train_one_epoch(classifier, torch.nn.Identity(), optimizer, batches, epoch,
                                     torch.device('cpu'), print_freq=100)
     with torch.no_grad():
-        stats = eval_linear.accuracy_stats(classifier(features[test]), labels[test])
+        stats = linear.accuracy_stats(classifier(features[test]), labels[test])
     assert stats['acc1'] > 95 and stats['acc5'] == 100.0
 
 
 def test_bad_n_last_blocks_is_a_user_error(tiny_data, tmp_path):
-    args = eval_linear.parse_args(eval_linear.get_args_parser(), eval_command(
+    args = parse_eval_args(eval_linear.get_args_parser(), eval_command(
         '--output_dir', str(tmp_path), '--n_last_blocks', '0', data=tiny_data))
     with pytest.raises(utils.UserError):
-        eval_linear.eval_linear(args)
+        linear.eval_linear(args)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # online k-NN during pretraining
 # ---------------------------------------------------------------------------------------------------------
 def test_knn_freq_defaults_to_the_last_epoch_of_the_demo_only():
-    assert main_esvit.parse_args(['--epochs', '3']).knn_freq == 3
-    assert main_esvit.parse_args(['--data_path', 'x']).knn_freq == 0
-    assert main_esvit.parse_args(['--data_path', 'x', '--knn_freq', '2']).knn_freq == 2
+    assert parse_args(['--epochs', '3']).knn_freq == 3
+    assert parse_args(['--data_path', 'x']).knn_freq == 0
+    assert parse_args(['--data_path', 'x', '--knn_freq', '2']).knn_freq == 2
 
 
 def test_pretraining_logs_online_knn(tiny_data, tmp_path):
     out = tmp_path / 'pretrain'
     os.chdir(ROOT)
-    args = main_esvit.parse_args(TINY_MODEL + [
+    args = parse_args(TINY_MODEL + [
         '--data_path', os.path.join(tiny_data, 'train'), '--output_dir', str(out), '--epochs', '3',
         '--knn_freq', '2', '--knn_data_path', tiny_data, '--batch_size_per_gpu', '8', '--num_workers', '0',
         '--out_dim', '64', '--local_crops_number', '2', '--local_crops_size', '16', '--saveckp_freq', '0',
         '--print_freq', '100'] + TINY_OPTS)
-    main_esvit.train_esvit(args)
+    train_esvit(args)
     log = read_log(out)
     assert ['knn_top1' in entry for entry in log] == [False, True, True]  # epoch 2 of 2, then the last
     assert all(0 <= entry['knn_top1'] <= 100 for entry in log[1:])
@@ -367,13 +364,13 @@ def test_pretraining_logs_online_knn(tiny_data, tmp_path):
     assert [e.step for e in events.Scalars('knn/top1')] == [1, 2]
 
     with pytest.raises(utils.UserError, match='--knn_data_path'):
-        main_esvit.train_esvit(main_esvit.parse_args(TINY_MODEL + [
+        train_esvit(parse_args(TINY_MODEL + [
             '--data_path', tiny_data, '--knn_freq', '1', '--batch_size_per_gpu', '8', '--num_workers', '0',
             '--output_dir', str(tmp_path / 'x')] + TINY_OPTS))
 
 
 def test_online_knn_restores_the_training_mode(tiny_data):
-    knn = eval_knn.OnlineKNN(tiny_data, image_size=32, k=5, batch_size=8, num_workers=0)
+    knn = knn.OnlineKNN(tiny_data, image_size=32, k=5, batch_size=8, num_workers=0)
     backbone = build_model(tiny_config())
     backbone.train()
     stats = knn(backbone, epoch=0)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from models import DDINOLoss, DINOLoss
+from engine.losses import DDINOLoss, DINOLoss
 
 STUDENT_TEMP = 0.1
 
@@ -116,11 +116,25 @@ def test_centers_follow_ema_of_raw_teacher_output():
     student, teacher = random_outputs(2, [2, 3], [4, 1], K=7)
     loss_fn = DDINOLoss(7, 5, 0.04, 0.04, 0, 10)
     loss_fn(student, teacher, 0)
+    assert not loss_fn.center.any() and not loss_fn.center_grid.any()  # a forward only records
+    loss_fn.update_center()
     torch.testing.assert_close(loss_fn.center, 0.1 * teacher[0].mean(0, keepdim=True))
     torch.testing.assert_close(loss_fn.center_grid, 0.1 * teacher[1].mean(0, keepdim=True))
     loss_fn(student, teacher, 0)
+    loss_fn.update_center()
     torch.testing.assert_close(loss_fn.center, 0.19 * teacher[0].mean(0, keepdim=True))
     assert loss_fn.center.shape == loss_fn.center_grid.shape == (1, 7)
+
+
+def test_one_center_update_after_two_forwards_is_that_of_their_union():
+    """Gradient accumulation: two micro-batches recorded, then one update, move the center as one batch of
+    both would (the mean over all their rows), once."""
+    first, second = torch.randn(6, 7), torch.randn(10, 7)
+    loss_fn = DINOLoss(7, 4, 0.04, 0.04, 0, 10)
+    for teacher in (first, second):
+        loss_fn(torch.randn(2 * len(teacher), 7), teacher, 0)
+    loss_fn.update_center()
+    torch.testing.assert_close(loss_fn.center, 0.1 * torch.cat([first, second]).mean(0, keepdim=True))
 
 
 def test_region_loss_gradient_matches_naive_autograd():
@@ -161,7 +175,7 @@ def test_mismatched_crop_layout_is_a_clear_error():
 
 @pytest.mark.parametrize('crops, batch, student_tokens, teacher_tokens', [(2, 3, 4, 4), (3, 2, 1, 5)])
 def test_matched_cross_entropy_equals_autograd_of_the_plain_formula(crops, batch, student_tokens, teacher_tokens):
-    from models.losses import MatchedCrossEntropy
+    from engine.losses import MatchedCrossEntropy
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(crops, batch, student_tokens, 11, generator=g, requires_grad=True)
     teacher = torch.randn(2, batch, teacher_tokens, 11, generator=g).softmax(-1)
@@ -191,7 +205,6 @@ def test_losses_are_float32_under_bf16_autocast(dense):
         loss_fn = DDINOLoss(4096, 4, 0.04, 0.04, 0, 10, local_crops_number=[2])
     else:
         loss_fn, student, teacher = DINOLoss(4096, 4, 0.04, 0.04, 0, 10), 3 * student[0], teacher[0]
-    loss_fn.defer_center_update = True
     plain = loss_fn(student, teacher, 0)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         autocast = loss_fn(student, teacher, 0)

@@ -13,10 +13,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import main_esvit
 import utils
-from conftest import ROOT, make_config
-from test_train import command
+from engine import parse_args, train_esvit
+from helpers import ROOT, command, make_config
 
 SWIN_YAML = 'experiments/imagenet/swin/swin_tiny_patch4_window7_224.yaml'
 
@@ -25,7 +24,7 @@ def run_main_esvit(argv, capsys):
     """Run main_esvit as its __main__ does; returns (exit code, stderr lines)."""
     os.chdir(ROOT)
     with pytest.raises(SystemExit) as exit_info:
-        utils.run_main(main_esvit.train_esvit, main_esvit.parse_args(argv))
+        utils.run_main(train_esvit, parse_args(argv))
     return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
 
 
@@ -55,6 +54,7 @@ def bad_inputs(tmp_path, tiny_data):
     ('folder without images', lambda p: ['--data_path', p['no_images']], [], ['no_images']),
     ('unknown arch', lambda p: ['--arch', 'swin_huge_xl', '--cfg', SWIN_YAML], [], ['swin_huge_xl']),
     ('arch not matching yaml', lambda p: ['--arch', 'cvt_tiny', '--cfg', SWIN_YAML], [], ['cvt_tiny', 'swin_transformer']),
+    ('arch size not matching yaml', lambda p: ['--arch', 'swin_small', '--cfg', SWIN_YAML], [], ['swin_small', 'swin_tiny']),
     ('unknown torchvision arch', lambda p: ['--arch', 'resnet9000'], [], ['resnet9000']),
     ('missing cfg file', lambda p: ['--cfg', 'experiments/nope.yaml'], [], ['experiments/nope.yaml']),
     ('unknown config key', lambda p: ['--cfg', SWIN_YAML], ['MODEL.SPEC.WINDOW_SIZ', '7'], ['MODEL.SPEC.WINDOW_SIZ']),
@@ -75,7 +75,7 @@ def test_bad_input_is_one_line_and_nonzero_exit(case, flags_of, opts, fragments,
 def test_checkpoint_of_another_architecture_lists_the_mismatched_keys(tiny_data, tmp_path, capsys):
     swin_out = str(tmp_path / 'swin')
     os.chdir(ROOT)
-    main_esvit.train_esvit(main_esvit.parse_args(command('--data_path', tiny_data, '--output_dir', swin_out,
+    train_esvit(parse_args(command('--data_path', tiny_data, '--output_dir', swin_out,
                                                          '--epochs', '1')))
     capsys.readouterr()
     code, err = run_main_esvit(['--arch', 'resnet18', '--data_path', tiny_data, '--output_dir', str(tmp_path / 'r'),

@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
-import main_esvit
 import main_esvit_mnodes
 import utils
-from conftest import ROOT
+from config import load_config
 from datasets import DistributedEpochSampler, EpochRandomSampler, build_loader, set_epoch
-from test_train import TINY, TINY_OPTS
+from engine import Trainer, get_args_parser, parse_args
+from helpers import ROOT, TINY, TINY_OPTS, run_training
 
 LAUNCHER_ENV = ('OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_RANK', 'SLURM_NNODES', 'SLURM_NODEID', 'SLURM_JOB_NODELIST',
                 'SLURM_JOB_ID', 'MASTER_ADDR', 'MASTER_PORT', 'NODE_RANK')
@@ -61,7 +61,7 @@ def non_default_value(action):
 
 
 def test_dry_run_forwards_every_flag(clean_env, capsys):
-    parser = main_esvit.get_args_parser()
+    parser = get_args_parser()
     options = [a for a in parser._actions if a.option_strings and a.dest != 'help']
     training_argv = []
     for action in options:
@@ -72,7 +72,7 @@ def test_dry_run_forwards_every_flag(clean_env, capsys):
                                   + ['--max_restarts', '2'] + opts, capsys)
     assert {'--nproc_per_node=3', '--max_restarts=2', '--standalone'} <= set(torchrun)
     assert forwarded == training_argv + opts
-    received, expected = vars(main_esvit.parse_args(forwarded)), vars(main_esvit.parse_args(training_argv + opts))
+    received, expected = vars(parse_args(forwarded)), vars(parse_args(training_argv + opts))
     assert received == expected and received['opts'] == opts
     assert all(received[a.dest] != a.default for a in options)  # every option really was set
 
@@ -94,7 +94,7 @@ def test_original_multi_node_command_under_openmpi(clean_env, capsys, node_rank)
     assert {'--nnodes=2', '--nproc_per_node=16', '--rdzv_backend=c10d', '--rdzv_endpoint=10.1.2.3:6001',
             f'--rdzv_conf=is_host={"true" if node_rank == 0 else "false"}'} <= set(torchrun)
     assert forwarded == ORIGINAL_README[4:]
-    args = main_esvit.parse_args(forwarded)
+    args = parse_args(forwarded)
     assert (args.lr, args.batch_size_per_gpu, args.zip_mode, args.norm_last_layer) == (0.0005, 16, True, False)
 
 
@@ -129,8 +129,8 @@ def test_pretraining_script_runs_its_recipe_through_the_launcher(clean_env, tmp_
     assert 'main_esvit_mnodes.py' in result.stderr  # the script shows what it runs
     torchrun, forwarded = split_command(result.stdout)
     assert '--nproc_per_node=4' in torchrun and '--standalone' in torchrun
-    args = main_esvit.parse_args(forwarded)
-    assert main_esvit.load_config(args).MODEL.NAME == 'cvt_v4_transformer'  # the yaml exists and fits --arch
+    args = parse_args(forwarded)
+    assert load_config(args).MODEL.NAME == 'cvt_v4_transformer'  # the yaml exists and fits --arch
     assert (args.cfg, args.use_dense_prediction, args.epochs, args.batch_size_per_gpu, args.teacher_temp,
             args.opts) == ('experiments/imagenet/cvt_v4/s1.yaml', False, 300, 32, 0.07, ['MODEL.NUM_CLASSES', '0'])
 
@@ -192,11 +192,6 @@ def training_argv(data, out, *flags):
                     '--batch_size_per_gpu', '4', *flags] + TINY_OPTS)
 
 
-def train_in_process(argv):
-    os.chdir(ROOT)
-    main_esvit.train_esvit(main_esvit.parse_args(argv))
-
-
 def loss_curve(out):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(os.path.join(out, 'tb'))
@@ -228,7 +223,7 @@ def assert_same_training(out, reference_out, rtol=1e-4, atol=5e-5, compare_losse
 def reference(data8, tmp_path_factory):
     """One process, batch 4, uninterrupted."""
     out = str(tmp_path_factory.mktemp('reference'))
-    train_in_process(training_argv(data8, out))
+    run_training(training_argv(data8, out))
     return out
 
 
@@ -246,45 +241,46 @@ def test_two_processes_through_the_launcher_match_one_process(reference, data8, 
 
 def test_gradient_accumulation_matches_the_double_batch(reference, data8, tmp_path):
     out = str(tmp_path / 'accum')
-    train_in_process(training_argv(data8, out, '--batch_size_per_gpu', '2', '--accum_iter', '2'))
+    run_training(training_argv(data8, out, '--batch_size_per_gpu', '2', '--accum_iter', '2'))
     assert_same_training(out, reference)
 
 
 def test_sigterm_mid_epoch_saves_and_the_same_command_resumes(reference, data8, tmp_path, monkeypatch):
     out = str(tmp_path / 'stopped')
     argv = training_argv(data8, out)
-    step = main_esvit.Trainer.step
+    step = Trainer.step
 
     def step_receiving_sigterm(self, *micro_batches, epoch, it):
         if it == 2:  # the first step of the second epoch: it still completes
             os.kill(os.getpid(), signal.SIGTERM)
         return step(self, *micro_batches, epoch=epoch, it=it)
-    monkeypatch.setattr(main_esvit.Trainer, 'step', step_receiving_sigterm)
+    monkeypatch.setattr(Trainer, 'step', step_receiving_sigterm)
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as exit_info:
-        train_in_process(argv)
+        run_training(argv)
     assert exit_info.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == handler
     ckpt = torch.load(os.path.join(out, 'checkpoint.pth'), weights_only=True)
     assert (ckpt['epoch'], ckpt['epoch_images']) == (1, 4)
     monkeypatch.undo()
-    train_in_process(argv)
+    run_training(argv)
     assert_same_training(out, reference)
 
 
 KILLING_SCRIPT = '''
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import main_esvit, utils
-step = main_esvit.Trainer.step
+import utils
+from engine import Trainer, parse_args, train_esvit
+step = Trainer.step
 
 def step_or_die(self, *micro_batches, epoch, it):
     if it == 3 and os.environ['RANK'] == '1' and os.environ['TORCHELASTIC_RESTART_COUNT'] == '0':
         os.kill(os.getpid(), signal.SIGKILL)
     return step(self, *micro_batches, epoch=epoch, it=it)
 
-main_esvit.Trainer.step = step_or_die
-utils.run_main(main_esvit.train_esvit, main_esvit.parse_args())
+Trainer.step = step_or_die
+utils.run_main(train_esvit, parse_args())
 '''
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import make_config
+from helpers import make_config
 from models import build_model
 from models.swin_transformer import SwinTransformer
 

@@ -7,36 +7,12 @@ import sys
 import pytest
 import torch
 
-import main_esvit
+import engine.precision
 import utils
-from conftest import ROOT
-
-# A tiny Swin (2 blocks) at 32 px global / 16 px local crops keeps each epoch to a few seconds.
-TINY = ['--cfg', 'experiments/cpu/swin_demo.yaml', '--arch', 'swin_tiny', '--out_dim', '256',
-        '--local_crops_number', '2', '--local_crops_size', '16', '--batch_size_per_gpu', '8',
-        '--num_workers', '0', '--warmup_epochs', '0', '--lr', '0.005', '--use_dense_prediction', 'True',
-        '--norm_last_layer', 'false', '--print_freq', '100', '--saveckp_freq', '1', '--momentum_teacher', '0.9',
-        '--precision', 'fp32']  # exact comparisons: not --precision auto, which is bf16 on some CPUs
-TINY_OPTS = ['MODEL.SPEC.DEPTHS', '[1, 1]', 'MODEL.SPEC.NUM_HEADS', '[1, 2]', 'MODEL.SPEC.DIM_EMBED', '16',
-             'TRAIN.IMAGE_SIZE', '[32, 32]']
-
-
-def command(*flags, view_only=False):
-    """The tiny run's command line with extra flags (the trailing config overrides come last)."""
-    base = [a if not (view_only and a == 'True') else 'False' for a in TINY]
-    return base + list(flags) + TINY_OPTS
-
-
-def run(argv):
-    os.chdir(ROOT)
-    args = main_esvit.parse_args(argv)
-    main_esvit.train_esvit(args)
-    return args
-
-
-def read_log(output_dir):
-    with open(os.path.join(output_dir, 'log.txt')) as f:
-        return [json.loads(line) for line in f]
+from config import load_config
+from engine import Trainer, build_trainer, parse_args, train_esvit
+from engine.losses import DDINOLoss
+from helpers import ROOT, command, read_log, run_training as run
 
 
 def test_two_epochs_lower_the_loss_and_write_checkpoint_and_log(tiny_data, tmp_path):
@@ -65,13 +41,13 @@ def test_resume_after_epoch_one_reaches_the_same_state(tiny_data, tmp_path, monk
     straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
     run(command('--data_path', tiny_data, '--epochs', '2', '--output_dir', straight))
 
-    train_one_epoch = main_esvit.Trainer.train_one_epoch
+    train_one_epoch = Trainer.train_one_epoch
 
     def killed_in_second_epoch(self, data_loader, epoch, log):
         if epoch == 1:
             raise Killed
         return train_one_epoch(self, data_loader, epoch, log)
-    monkeypatch.setattr(main_esvit.Trainer, 'train_one_epoch', killed_in_second_epoch)
+    monkeypatch.setattr(Trainer, 'train_one_epoch', killed_in_second_epoch)
     with pytest.raises(Killed):
         run(command('--data_path', tiny_data, '--epochs', '2', '--output_dir', resumed))
     monkeypatch.undo()
@@ -86,14 +62,10 @@ def test_resume_after_epoch_one_reaches_the_same_state(tiny_data, tmp_path, monk
 
 
 def test_training_step_lowers_the_loss_on_a_fixed_batch(tiny_data, tmp_path):
-    args = main_esvit.parse_args(command('--data_path', tiny_data, '--output_dir', str(tmp_path), '--epochs', '10'))
+    args = parse_args(command('--data_path', tiny_data, '--output_dir', str(tmp_path), '--epochs', '10'))
     utils.init_distributed_mode(args)
     torch.manual_seed(0)
-    config = main_esvit.load_config(args)
-    student, teacher = main_esvit.build_student_teacher(args, config)
-    loss_fn = main_esvit.build_loss(args)
-    optimizer = main_esvit.build_optimizer(args, student)
-    trainer = main_esvit.Trainer(args, student, teacher, loss_fn, optimizer, main_esvit.Schedules(args, 4))
+    trainer = build_trainer(args, load_config(args), steps_per_epoch=4)
     crops = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32), torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)]
     losses = [trainer.step(crops, epoch=1, it=4 + i) for i in range(6)]
     assert losses[-1] < losses[0]
@@ -112,11 +84,11 @@ def test_view_only_run_continues_with_region_loss(tiny_data, tmp_path):
 
 def test_non_finite_loss_saves_state_and_exits_with_a_message(tiny_data, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / 'nan')
-    original = main_esvit.DDINOLoss.forward
-    monkeypatch.setattr(main_esvit.DDINOLoss, 'forward', lambda self, *a: original(self, *a) * float('nan'))
-    args = main_esvit.parse_args(command('--data_path', tiny_data, '--output_dir', out, '--epochs', '1'))
+    original = DDINOLoss.forward
+    monkeypatch.setattr(DDINOLoss, 'forward', lambda self, *a: original(self, *a) * float('nan'))
+    args = parse_args(command('--data_path', tiny_data, '--output_dir', out, '--epochs', '1'))
     with pytest.raises(SystemExit) as exit_info:
-        utils.run_main(main_esvit.train_esvit, args)
+        utils.run_main(train_esvit, args)
     assert exit_info.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'loss is nan' in err[0] and 'checkpoint_NaN.pth' in err[0]
@@ -154,13 +126,13 @@ def test_vis_freq_logs_an_attention_picture_to_tensorboard(tiny_data, tmp_path):
     (2.5, 'False', None),            # mixed precision off
 ])
 def test_precision_auto_on_cpu_follows_the_measured_bf16_speedup(monkeypatch, speedup, use_fp16, expected):
-    monkeypatch.setattr(utils, 'bf16_matmul_speedup', lambda: speedup)
-    args = main_esvit.parse_args(['--use_fp16', use_fp16])
+    monkeypatch.setattr(engine.precision, 'bf16_matmul_speedup', lambda: speedup)
+    args = parse_args(['--use_fp16', use_fp16])
     args.device = torch.device('cpu')
-    assert main_esvit.resolve_precision(args) == (expected, False)
+    assert engine.precision.resolve_precision(args) == (expected, False)
     args.precision = 'fp32'
-    assert main_esvit.resolve_precision(args) == (None, False)
+    assert engine.precision.resolve_precision(args) == (None, False)
 
 
 def test_bf16_matmul_speedup_is_measured():
-    assert 0.05 < utils.bf16_matmul_speedup(n=256, reps=2) < 100
+    assert 0.05 < engine.precision.bf16_matmul_speedup(n=256, reps=2) < 100

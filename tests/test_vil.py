@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath
 
-from conftest import REFERENCE_DIR, make_config
+from helpers import REFERENCE_DIR, make_config
 from models import build_model
 from models.vision_longformer import ALL_NEIGHBOURS, LongformerAttention, MsViT, parse_arch
 

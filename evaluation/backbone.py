@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import utils
-from .registry import build_model
+from models import build_model
 
 HEAD_PREFIXES = ('head.', 'head_dense.')
 WRAPPER_PREFIX = 'backbone.'

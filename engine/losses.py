@@ -6,9 +6,10 @@ warmup_teacher_temp_epochs, nepochs, student_temp=0.1, center_momentum=0.9)`` an
 are supported (``local_crops_number``), the pairs are computed batched instead of in a Python loop,
 and the centers are all-reduced only when a process group exists (so a plain CPU run works).
 
-Gradient accumulation: with ``loss.defer_center_update = True`` a forward only records the teacher's batch
-statistics and ``loss.update_center()``, called at the optimizer step, moves the centers once with the
-statistics of all the micro-batches since the last step (as one batch of their total size would).
+The centers move in an explicit step: a forward records the teacher's batch statistics and
+``loss.update_center()``, which the trainer calls at each optimizer step, moves the centers once with the
+statistics of all the forwards since the last update (with gradient accumulation, as one batch of their total
+size would; the original updated them inside each forward).
 """
 import functools
 
@@ -40,7 +41,6 @@ class _CenteredDistillationLoss(nn.Module):
         self.center_momentum = center_momentum
         self.ncrops = ncrops
         self.register_buffer('center', torch.zeros(1, out_dim))
-        self.defer_center_update = False
         self._center_stats = {}  # center buffer name -> (sum of teacher rows 1 x K, row count) since the last update
         # a linear warm-up of the teacher temperature: too high a temperature early makes training unstable
         self.teacher_temp_schedule = np.concatenate((
@@ -76,14 +76,11 @@ class _CenteredDistillationLoss(nn.Module):
 
     @torch.no_grad()
     def accumulate_center_stats(self, **teacher_rows):
-        """Record teacher outputs (``center_name=rows``, R x K each) for the next center update, which
-        happens now unless ``defer_center_update`` is set."""
+        """Record teacher outputs (``center_name=rows``, R x K each) for the next :meth:`update_center`."""
         for name, rows in teacher_rows.items():
             total, count = self._center_stats.get(name, (0., 0))
             self._center_stats[name] = (total + rows.detach().sum(dim=0, keepdim=True, dtype=torch.float32),
                                         count + rows.shape[0])
-        if not self.defer_center_update:
-            self.update_center()
 
     @torch.no_grad()
     def update_center(self):

@@ -1,0 +1,140 @@
+"""The pretraining run of main_esvit.py: data, trainer, resume, then epochs until --epochs, each ending with its
+log line, its checkpoint and, when asked, a k-NN accuracy and an attention picture of the teacher.
+
+    train_esvit(args)   # args from engine.args.parse_args
+"""
+import datetime
+import os
+import time
+
+import utils
+from analysis import attention_figure, network_input
+from config import load_config, save_config
+from datasets import build_dataset, build_loader, build_transform, demo_data_path, normalize, set_epoch, worker_nice
+from evaluation import OnlineKNN
+from .build import build_trainer
+from .optim import images_per_step
+from .trainer import NonFiniteLoss, Stopped
+
+
+def check_args(args):
+    if args.accum_iter < 1 or args.saveckp_iters < 0:
+        raise utils.UserError(f"--accum_iter {args.accum_iter} must be at least 1 and --saveckp_iters "
+                              f"{args.saveckp_iters} not negative")
+    if len(args.local_crops_number) != len(args.local_crops_size):
+        raise utils.UserError(f"--local_crops_number {args.local_crops_number} and --local_crops_size "
+                              f"{args.local_crops_size} must have the same length")
+    if args.knn_freq < 0:
+        raise utils.UserError(f"--knn_freq must be 0 (never) or a number of epochs, got {args.knn_freq}")
+    if args.knn_freq and args.knn_data_path is None and args.data_path is not None:
+        raise utils.UserError("--knn_freq needs --knn_data_path (a folder with train/ and val/)")
+
+
+def build_data(args, config):
+    """(dataset, loader) of the multi-crop views of --data_path (default: the demo data)."""
+    data_path = args.data_path or demo_data_path('train')
+    transform = build_transform(args, global_crops_size=config.TRAIN.IMAGE_SIZE[0])
+    dataset = build_dataset(data_path, transform, zip_mode=args.zip_mode, on_bad_image=args.on_bad_image)
+    data_loader = build_loader(dataset, args.batch_size_per_gpu, args.num_workers,
+                               distributed=utils.get_world_size() > 1, seed=args.seed, step_batches=args.accum_iter,
+                               nice=worker_nice(args.device) if args.nice_workers else 0)
+    if len(data_loader) == 0:
+        raise utils.UserError(f"{len(dataset)} images in {data_path} are fewer than one optimizer step of "
+                              f"{images_per_step(args)}: lower --batch_size_per_gpu or --accum_iter")
+    print(f"Data loaded: {len(dataset)} images, {len(data_loader) // args.accum_iter} optimizer steps of "
+          f"{images_per_step(args)} images per epoch.")
+    return dataset, data_loader
+
+
+def resume(trainer, args):
+    """(epoch, images of that epoch done): from output_dir/checkpoint.pth when there is one (the same command
+    resumes), else from --pretrained_weights_ckpt as a continuation, else (0, 0)."""
+    checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth')
+    if os.path.isfile(checkpoint_path):
+        start_epoch, start_images = trainer.load_state(checkpoint_path)
+        print(f"Resumed from {checkpoint_path} at epoch {start_epoch}, image {start_images} of the epoch")
+        return start_epoch, start_images
+    if args.pretrained_weights_ckpt:
+        trainer.load_state(args.pretrained_weights_ckpt, continuation=True)
+        print(f"Initialised from {args.pretrained_weights_ckpt}")
+    return 0, 0
+
+
+class EpochMonitor:
+    """What the end of an epoch measures on the teacher's backbone: the k-NN accuracy every --knn_freq epochs
+    and after the last (--knn_data_path, by default the demo data's train/val when pretraining on the demo
+    data), an attention picture of the first training image every --vis_freq epochs."""
+
+    def __init__(self, args, config, dataset):
+        self.args = args
+        image_size = config.TRAIN.IMAGE_SIZE[0]
+        self.online_knn = None
+        if args.knn_freq:
+            self.online_knn = OnlineKNN(args.knn_data_path, image_size, batch_size=args.batch_size_per_gpu,
+                                        num_workers=args.num_workers, zip_mode=args.zip_mode)
+        self.vis_image = None
+        if args.vis_freq:
+            self.vis_image = normalize(network_input(dataset.read_image(dataset.samples[0][0]), image_size))
+
+    def __call__(self, backbone, epoch, log):
+        """Stats of ``epoch`` (its k-NN accuracy, or none); pictures go to TensorBoard."""
+        args, stats = self.args, {}
+        if self.online_knn is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
+            stats = self.online_knn(backbone, epoch)
+            log.scalars(epoch, **{'knn/top1': stats['knn_top1']})
+        if self.vis_image is not None and epoch % args.vis_freq == 0:
+            log.image('attention', attention_figure(backbone, self.vis_image), epoch)
+        return stats
+
+
+def train_epochs(trainer, data_loader, monitor, start_epoch, start_images):
+    """Epochs ``start_epoch`` (from image ``start_images`` of its order) to --epochs. Each epoch's log line goes
+    before its checkpoint: a crash in between reruns the epoch (and the resumed run drops the line) instead of
+    losing the line for good."""
+    args = trainer.args
+    log = utils.TrainingLog(args.output_dir, enabled=utils.is_main_process(), first_epoch=start_epoch)
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            start_step = start_images // images_per_step(args) if epoch == start_epoch else 0
+            set_epoch(data_loader, epoch, start_batch=start_step * args.accum_iter)
+            train_stats = trainer.train_one_epoch(data_loader, epoch, log)
+            epoch_stats = monitor(trainer.teacher.backbone, epoch, log)
+            log.epoch({**{f'train_{k}': v for k, v in train_stats.items()}, **epoch_stats, 'epoch': epoch})
+            trainer.save(epoch + 1)
+            if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+                trainer.save(epoch + 1, name=f'checkpoint{epoch:04}.pth')
+    finally:
+        log.close()
+
+
+def train_esvit(args):
+    utils.init_distributed_mode(args)
+    utils.fix_random_seeds(args.seed)  # every process builds the same networks (the teacher is not in DDP)
+    check_args(args)
+    utils.make_output_dir(args.output_dir)
+    config = load_config(args)
+    if utils.is_main_process():
+        save_config(config, os.path.join(args.output_dir, 'config.yaml'))
+    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+
+    dataset, data_loader = build_data(args, config)
+    trainer = build_trainer(args, config, steps_per_epoch=len(data_loader) // args.accum_iter)
+    print(f"Student and teacher are built: {args.arch} ({config.MODEL.NAME}), "
+          f"{sum(p.numel() for p in trainer.student.parameters()) / 1e6:.1f}M parameters.")
+    start_epoch, start_images = resume(trainer, args)
+    monitor = EpochMonitor(args, config, dataset)
+
+    start_time = time.time()
+    print(f"Starting EsViT training from epoch {start_epoch}")
+    with trainer.stop:  # SIGTERM / SIGINT: the current step ends, checkpoint.pth is written, exit 128 + signal
+        try:
+            train_epochs(trainer, data_loader, monitor, start_epoch, start_images)
+        except Stopped as e:
+            print(f"{e}: state saved to {os.path.join(args.output_dir, 'checkpoint.pth')}; the same command "
+                  f"resumes from there", force=True)
+            raise SystemExit(128 + e.signum) from None
+        except NonFiniteLoss as e:
+            nan_path = trainer.save(e.epoch + 1, name='checkpoint_NaN.pth')
+            raise utils.UserError(f"{e}: training stopped, state saved to {nan_path}; try a lower --lr, "
+                                  f"--clip_grad, or --use_fp16 false") from None
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")

@@ -1,0 +1,138 @@
+"""What every evaluation protocol shares: the command-line options of the frozen backbone and its data, the
+train/val image folders, and features of a frozen backbone gathered across processes in dataset order.
+
+    parser = argparse.ArgumentParser(parents=[backbone_args_parser()]); args = parse_eval_args(parser)
+    train_set, val_set = build_train_val_datasets(data_path, train_transform, val_transform)
+    loader = build_eval_loader(dataset, batch_size, num_workers)
+    features, labels = extract_features(backbone, loader, device)   # N x D float32, N; every rank gets all
+"""
+import argparse
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
+
+import utils
+from config import DEMO_CFG
+from datasets import build_dataset, demo_data_path, worker_init, worker_nice
+
+DEMO_IMAGE_SIZE = 64  # the demo model's global crop size (experiments/cpu/swin_demo.yaml)
+
+
+def backbone_args_parser():
+    """Options shared by the evaluation scripts: the backbone, its weights and the data."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument('--cfg', default=None, type=str, help='the pretraining yaml (MODEL.NAME, MODEL.SPEC)')
+    p.add_argument('--arch', default=None, type=str,
+                   help="as in main_esvit.py: a sized name (swin_tiny) builds the original's yaml without --cfg")
+    p.add_argument('--patch_size', default=16, type=int, help='kept for command-line compatibility (ViT only)')
+    p.add_argument('--pretrained_weights', default='', type=str,
+                   help='checkpoint to evaluate (none: a randomly initialised backbone)')
+    p.add_argument('--checkpoint_key', default='teacher', type=str, help='teacher or student')
+    p.add_argument('--data_path', default=None, type=str,
+                   help='folder with train/ and val/ (or train.zip and val.zip with --zip_mode); '
+                        'default: the embedded demo data')
+    p.add_argument('--zip_mode', default=False, type=utils.bool_flag)
+    p.add_argument('--image_size', default=224, type=int, help='center crop fed to the backbone')
+    p.add_argument('--resize_size', default=None, type=int,
+                   help='images are resized to this before the crop (default: image_size * 256 / 224)')
+    p.add_argument('--batch_size_per_gpu', default=128, type=int)
+    p.add_argument('--num_workers', default=10, type=int)
+    p.add_argument('--seed', default=0, type=int,
+                   help="seed of a random init (the same on every rank) and of the linear probe's data order")
+    p.add_argument('--dist_url', default='env://', type=str)
+    p.add_argument('--local_rank', '--local-rank', default=0, type=int, help='set by torch.distributed.launch')
+    p.add_argument('opts', default=None, nargs=argparse.REMAINDER, help='config overrides: KEY VALUE ...')
+    return p
+
+
+def parse_eval_args(parser, argv=None):
+    """Parse; with no --cfg, --arch or --data_path, evaluate the demo model on the demo data."""
+    args = parser.parse_args(argv)
+    if args.cfg is None and args.arch is None and args.data_path is None:
+        parser.set_defaults(cfg=DEMO_CFG, image_size=DEMO_IMAGE_SIZE)
+        args = parser.parse_args(argv)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------
+def build_split_dataset(data_path, split, transform, zip_mode=False):
+    """``data_path/split`` (a class-folder tree, or ``data_path/split.zip`` with ``zip_mode``); the embedded
+    demo data's split when ``data_path`` is None."""
+    if data_path is None:
+        return build_dataset(demo_data_path(split), transform)
+    if zip_mode:
+        return build_dataset(os.path.join(data_path, f'{split}.zip'), transform, zip_mode=True)
+    return build_dataset(os.path.join(data_path, split), transform)
+
+
+def build_train_val_datasets(data_path, train_transform, val_transform, zip_mode=False):
+    """The train and val splits, which must name the same classes (their labels are class indices)."""
+    train_set = build_split_dataset(data_path, 'train', train_transform, zip_mode)
+    val_set = build_split_dataset(data_path, 'val', val_transform, zip_mode)
+    if train_set.classes != val_set.classes:
+        raise utils.UserError(f"train and val of {data_path} have different class folders "
+                              f"({len(train_set.classes)} vs {len(val_set.classes)} classes)")
+    return train_set, val_set
+
+
+class IndexedDataset(Dataset):
+    """(image, label, index) of an image dataset: the index places the sample after gathering."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+def build_eval_loader(dataset, batch_size, num_workers):
+    """In-order loader over ``IndexedDataset(dataset)``; one shard per rank when distributed (the sampler
+    pads the shards to equal length with repeated samples, which :func:`extract_features` tolerates).
+    Workers at the lowest priority when the model runs on the CPU (see ``datasets.worker_nice``)."""
+    indexed = IndexedDataset(dataset)
+    sampler = DistributedSampler(indexed, shuffle=False) if utils.is_dist() else SequentialSampler(indexed)
+    nice = worker_nice(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))
+    return DataLoader(indexed, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=False,
+                      worker_init_fn=functools.partial(worker_init, nice=nice))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# features
+# ---------------------------------------------------------------------------------------------------------
+def pooled_features(backbone, images):
+    """The backbone's pooled output, L2-normalised. B x C"""
+    return F.normalize(backbone.forward_features(images)[0], dim=1)
+
+
+@torch.no_grad()
+def extract_features(model, loader, device, forward=pooled_features, print_freq=20):
+    """``forward(model, images)`` of every sample of ``loader`` (from :func:`build_eval_loader`), in dataset
+    order, on every rank: (features N x D float32, labels N), both on ``device``. Progress is printed every
+    ``print_freq`` batches (0: never).
+
+    Each rank computes its shard; the batches of all ranks are gathered and written at their sample index,
+    so the shards' padding (samples repeated by DistributedSampler) is overwritten by identical rows."""
+    num_samples = len(loader.dataset)
+    features = labels = None
+    batches = utils.MetricLogger().log_every(loader, print_freq, 'Features:') if print_freq else loader
+    for images, targets, indices in batches:
+        batch_features = forward(model, images.to(device, non_blocking=True)).float()  # b x D
+        batch_features = utils.all_gather_cat(batch_features)                        # (b*W) x D
+        targets = utils.all_gather_cat(targets.to(device))
+        indices = utils.all_gather_cat(indices.to(device))
+        if features is None:
+            features = torch.zeros(num_samples, batch_features.shape[1], device=device)
+            labels = torch.zeros(num_samples, dtype=torch.long, device=device)
+        features.index_copy_(0, indices, batch_features)
+        labels.index_copy_(0, indices, targets)
+    return features, labels
