@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import DropPath, QuickGELU, trunc_normal_
+from timm.layers import DropPath, QuickGELU, gen_relative_position_index, trunc_normal_
 from torch import nn
 
 from .layers import attention_maps_of_last
@@ -76,14 +76,6 @@ class DepthWiseConv2d(nn.Module):
         return self.pw(self.bn(self.dw(x)))
 
 
-def relative_position_index(window_size):
-    """window² x window² index into the (2 window - 1)² relative-position table (Swin's layout)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing='ij'))
-    coords = coords.flatten(1)  # 2 x window²
-    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window_size - 1)  # w² x w² x 2
-    return relative[..., 0] * (2 * window_size - 1) + relative[..., 1]
-
-
 class WindowAttention(nn.Module):
     """Multi-head attention inside non-overlapping windows of a B x C x H x W map."""
 
@@ -96,7 +88,8 @@ class WindowAttention(nn.Module):
         self.proj_out = nn.Conv2d(dim, dim, kernel_size=1)
         self.rel_pos_embed = rel_pos_embed
         if rel_pos_embed:
-            self.register_buffer('rel_pos_idx', relative_position_index(window_size))
+            # window² x window² index into the (2 window - 1)² table, Swin's layout
+            self.register_buffer('rel_pos_idx', gen_relative_position_index((window_size, window_size)))
             self.rel_pos_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
             trunc_normal_(self.rel_pos_bias_table, std=.02)
         self._bias_index_cache = {}

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, gen_relative_position_index, trunc_normal_
 
 from .registry import register_model
 from .layers import init_linear_weights
@@ -48,14 +48,6 @@ def window_reverse(windows, window_size, Hp, Wp):
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, Hp, Wp, C)
 
 
-def relative_position_index(window_size):
-    """T x T index into the (2*ws-1)**2 relative-position table, T = ws**2 (the original's buffer)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing='ij'))
-    coords = coords.flatten(1)  # 2 x T
-    relative = (coords[:, :, None] - coords[:, None, :]) + (window_size - 1)  # 2 x T x T, >= 0
-    return relative[0] * (2 * window_size - 1) + relative[1]
-
-
 def shifted_window_mask(Hp, Wp, window_size, shift_size, device):
     """nW x T x T additive mask: 0 within a region of the cyclically shifted map, -100 across regions."""
     def region_ids(length):  # 0: untouched, 1: last window minus shift, 2: wrapped-around shift
@@ -80,7 +72,8 @@ class WindowAttention(nn.Module):
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.attn_drop = attn_drop
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        self.register_buffer('relative_position_index', relative_position_index(window_size))
+        # T x T index into the table (T = window_size**2): (dy + ws - 1) * (2 ws - 1) + (dx + ws - 1)
+        self.register_buffer('relative_position_index', gen_relative_position_index((window_size, window_size)))
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)

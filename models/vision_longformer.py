@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, gen_relative_position_index, trunc_normal_
 
 from .registry import register_model
 from .layers import attention_maps_of_last, init_linear_weights
@@ -67,13 +67,6 @@ def parse_arch(arch):
             raise ValueError(f"MSVIT.ARCH {arch!r}: pooled keys (r{cfg['r']}) are not supported")
         stages.append(cfg)
     return stages
-
-
-def grid_relative_position_index(wx, wy):
-    """(wx*wy) x (wx*wy) index into a (2wx-1)(2wy-1) table of the offsets between tokens of a wx x wy grid."""
-    coords = torch.stack(torch.meshgrid(torch.arange(wx), torch.arange(wy), indexing='ij')).flatten(1)  # 2 x L
-    relative = coords[:, :, None] - coords[:, None, :]  # 2 x L x L
-    return (relative[0] + wx - 1) * (2 * wy - 1) + (relative[1] + wy - 1)
 
 
 def sliding_chunk_relative_position_index(window):
@@ -333,7 +326,8 @@ class FullAttention(nn.Module):
                 self.g2g_relative_position_bias = nn.Parameter(torch.zeros(num_heads, num_global, num_global))
                 trunc_normal_(self.g2l_relative_position_bias, std=.02)
                 trunc_normal_(self.g2g_relative_position_bias, std=.02)
-            self.register_buffer('relative_position_index', grid_relative_position_index(wx, wy))
+            # L x L (L = wx*wy) index into the table: (dx + wx - 1) * (2 wy - 1) + (dy + wy - 1)
+            self.register_buffer('relative_position_index', gen_relative_position_index((wx, wy)))
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)

@@ -1,0 +1,46 @@
+"""What the backbones share: the relative-position index, the explicit-softmax attention maps, the
+patch-average eval feature, meta-device builds and the configuration errors."""
+import pytest
+import torch
+
+from conftest import make_config
+from models.cvt_transformer import WindowAttention as CvtWindowAttention
+from models.swin_transformer import WindowAttention as SwinWindowAttention
+from models.vision_longformer import FullAttention
+
+
+def brute_force_relative_position_index(height, width):
+    """index[i, j] for the tokens i, j of a row-major height x width grid: their offset (dy, dx) as a row-major
+    index into the (2 height - 1) x (2 width - 1) table."""
+    coords = [(y, x) for y in range(height) for x in range(width)]
+    return torch.tensor([[(yi - yj + height - 1) * (2 * width - 1) + (xi - xj + width - 1) for yj, xj in coords]
+                         for yi, xi in coords])
+
+
+@pytest.mark.parametrize('window', [1, 2, 3, 7, 12])
+def test_window_relative_position_index_known_answer(window):
+    expected = brute_force_relative_position_index(window, window)
+    swin = SwinWindowAttention(8, window, 2).relative_position_index
+    cvt = CvtWindowAttention(8, 2, True, 3, 1, window, rel_pos_embed=True).rel_pos_idx
+    for index in (swin, cvt):
+        assert index.dtype == torch.int64 and torch.equal(index, expected)
+
+
+@pytest.mark.parametrize('grid', [(1, 3), (3, 1), (2, 5), (5, 2), (4, 7), (7, 7)])
+def test_grid_relative_position_index_known_answer_non_square(grid):
+    index = FullAttention(8, 2, num_global=1, rpe=True, grid=grid).relative_position_index
+    assert index.dtype == torch.int64 and torch.equal(index, brute_force_relative_position_index(*grid))
+
+
+@pytest.mark.parametrize('arch', ['swin_tiny', 'vil_2262'])
+def test_relative_position_buffers_equal_the_originals(reference, arch):
+    """The index buffers a fresh build registers are the original's, value for value (they are in the
+    checkpoints)."""
+    meta = reference(f'fidelity_{arch}.json')
+    saved = reference(f'fidelity_{arch}.pt')['state_dict']
+    from models import build_model
+    model = build_model(make_config(meta['cfg'], meta['opts']), is_teacher=True)
+    buffers = {key: t for key, t in model.state_dict().items() if key.endswith('relative_position_index')}
+    assert buffers
+    for key, index in buffers.items():
+        assert index.dtype == saved[key].dtype and torch.equal(index, saved[key]), key
