@@ -16,9 +16,8 @@ from einops import rearrange
 from timm.layers import DropPath, QuickGELU, gen_relative_position_index, trunc_normal_
 from torch import nn
 
-from .layers import attention_maps_of_last
+from .layers import WindowAttentionMaps, attention_maps_of_last, attention_probs
 from .registry import register_model
-from .swin_transformer import WindowAttentionMaps
 
 
 class LayerNorm(nn.LayerNorm):
@@ -135,8 +134,7 @@ class WindowAttention(nn.Module):
         """The attention probabilities of :meth:`forward` on ``x`` (B x C x H x W), with an explicit softmax:
         a :class:`WindowAttentionMaps` without shift (padded tokens are unmasked keys, as in forward)."""
         q, k, _, bias, windows = self.windowed_qkv(x)
-        scores = (q * self.scale) @ k.transpose(-2, -1)  # B*nW x heads x window² x window²
-        probs = (scores if bias is None else scores + bias).softmax(dim=-1)
+        probs = attention_probs(q, k, bias, self.scale)  # B*nW x heads x window² x window²
         window = windows['w_x']
         padded_hw = (windows['s_x'] * window, windows['s_y'] * window)
         return WindowAttentionMaps(probs, window, 0, tuple(x.shape[2:]), padded_hw)
@@ -282,7 +280,7 @@ class CvT(nn.Module):
 
     def forward_attention_maps(self, images, n_last=1):
         """Attention probabilities of the last ``n_last`` blocks (across stages, in block order), each a
-        :class:`~models.swin_transformer.WindowAttentionMaps` with ``probs`` (B*nW) x heads x T x T."""
+        :class:`~models.layers.WindowAttentionMaps` with ``probs`` (B*nW) x heads x T x T."""
         return attention_maps_of_last(self, WindowAttention, images, n_last)
 
 

@@ -8,30 +8,15 @@ maps. Window size and shift are fixed at construction: a stage whose constructio
 than the window uses one window of that resolution and no shift.
 """
 from functools import partial
-from typing import NamedTuple
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, gen_relative_position_index, trunc_normal_
 
 from .registry import register_model
-from .layers import init_linear_weights
+from .layers import WindowAttentionMaps, attention_probs, init_linear_weights
 
 SHIFT_MASK_VALUE = -100.0  # additive attention mask between tokens of different shifted-window regions
-
-
-class WindowAttentionMaps(NamedTuple):
-    """Attention probabilities of one block and the window layout they refer to.
-
-    ``probs[b * num_windows + w, head, query, key]`` with windows in row-major order over the padded map
-    (``padded_hw``) after the cyclic shift by ``-shift_size``; tokens inside a window are row-major too.
-    """
-    probs: torch.Tensor  # (B*nW) x heads x T x T, T = window_size**2
-    window_size: int
-    shift_size: int
-    hw: tuple  # feature map size (H, W) before padding
-    padded_hw: tuple  # (Hp, Wp), multiples of window_size
 
 
 def window_partition(x, window_size):
@@ -106,7 +91,7 @@ class WindowAttention(nn.Module):
         if return_probs or (torch.is_grad_enabled() and attn_bias.requires_grad):
             # explicit softmax: SDPA's fused CPU kernels give no gradient for the bias, and its math fallback
             # adds a guard against fully masked rows (which cannot occur here) on top of these same steps
-            probs = ((q * self.scale) @ k.transpose(-2, -1)).add_(attn_bias).softmax(dim=-1)  # B x (nW*heads) x T x T
+            probs = attention_probs(q, k, attn_bias, self.scale)  # B x (nW*heads) x T x T
             out = F.dropout(probs, drop, self.training) @ v
             probs = probs.reshape(BnW, self.num_heads, T, T) if return_probs else None
         else:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, gen_relative_position_index, trunc_normal_
 
 from .registry import register_model
-from .layers import attention_maps_of_last, init_linear_weights
+from .layers import TokenAttentionMaps, attention_maps_of_last, attention_probs, init_linear_weights
 
 ARCH_DEFAULTS = {'l': 1, 'h': 3, 'd': 192, 'n': 1, 's': 1, 'g': 1, 'p': 2, 'f': 7, 'a': 1, 'r': 0}
 LONGFORMER_ATTN_TYPES = ('longformerhand', 'longformerauto')  # same maths (hand-written vs autograd backward)
@@ -78,17 +78,6 @@ def sliding_chunk_relative_position_index(window):
     keys = (query[:, None, :] + W * chunk_offsets[:, :, None]).flatten(1)  # 2 x 9W2
     relative = query[:, :, None] - keys[:, None, :] + (2 * W - 1)  # 2 x W2 x 9W2, in [0, 4W-2]
     return relative[0] * (4 * W - 1) + relative[1]
-
-
-class TokenAttentionMaps(NamedTuple):
-    """Attention probabilities of one block over all its tokens.
-
-    ``probs[b, head, query, key]``, tokens ordered as the block's input: the ``num_global`` global tokens, then
-    the nx x ny map row-major; zero where a query does not attend (outside its neighbourhood chunks).
-    """
-    probs: torch.Tensor  # B x heads x N x N, N = num_global + nx*ny
-    num_global: int
-    hw: tuple  # (nx, ny)
 
 
 class ChunkLayout(NamedTuple):
@@ -285,12 +274,6 @@ class LongformerAttention(nn.Module):
             local_bias, global_bias = key_mask.new_zeros(H, W2, S - G), key_mask.new_zeros(H, G)
         bias = torch.cat([global_bias[:, None, :].expand(H, W2, G), local_bias], dim=-1)  # H x W2 x S
         return (bias[:, None] + key_mask[None, :, None]).flatten(0, 1)
-
-
-def attention_probs(q, k, bias, scale):
-    """softmax(q k^T * scale + bias) over the last axis, as scaled_dot_product_attention computes it."""
-    scores = (q * scale) @ k.transpose(-2, -1)
-    return (scores if bias is None else scores + bias).softmax(dim=-1)
 
 
 def scatter_chunk_probs(chunk_probs, layout, num_tokens):

@@ -2,9 +2,11 @@
 patch-average eval feature, meta-device builds and the configuration errors."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import make_config
 from models.cvt_transformer import WindowAttention as CvtWindowAttention
+from models.layers import attention_probs
 from models.swin_transformer import WindowAttention as SwinWindowAttention
 from models.vision_longformer import FullAttention
 
@@ -44,3 +46,18 @@ def test_relative_position_buffers_equal_the_originals(reference, arch):
     assert buffers
     for key, index in buffers.items():
         assert index.dtype == saved[key].dtype and torch.equal(index, saved[key]), key
+
+
+@pytest.mark.parametrize('with_bias', [True, False])
+def test_attention_probs_is_the_softmax_that_sdpa_applies(with_bias):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4)
+    bias = None
+    if with_bias:  # additive bias with masked keys (-inf); key 0 stays visible to every query
+        masked = (torch.rand(1, 3, 5, 6) < 0.3) & (torch.arange(6) > 0)
+        bias = torch.randn(1, 3, 5, 6).masked_fill(masked, float('-inf'))
+    probs = attention_probs(q, k, bias, scale=0.3)
+    scores = (q * 0.3) @ k.transpose(-2, -1)
+    assert torch.equal(probs, (scores if bias is None else scores + bias).softmax(dim=-1))  # in place: same bits
+    torch.testing.assert_close(probs @ v, F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3, 5))
