@@ -16,7 +16,7 @@ from einops import rearrange
 from timm.layers import DropPath, QuickGELU, gen_relative_position_index, trunc_normal_
 from torch import nn
 
-from .layers import WindowAttentionMaps, attention_maps_of_last, attention_probs
+from .layers import WindowAttentionMaps, attention_maps_of_last, attention_probs, check_n_last_blocks
 from .registry import register_model
 
 
@@ -260,19 +260,21 @@ class CvT(nn.Module):
         return region_tokens.mean(dim=1), region_tokens
 
     def forward_return_n_last_blocks(self, x, n=1, return_patch_avgpool=False, depths=()):
-        """Average-pooled outputs of the last ``n`` blocks across stages, concatenated.
+        """The eval_linear feature B x D: average-pooled outputs of the last ``n`` blocks across stages (blocks
+        of the last stage normed first), concatenated, D = sum(C_i).
 
-        Blocks of the last stage are normed first. ``return_patch_avgpool`` is ignored (as in the
-        original); ``depths``, when given, must be the model's depths.
+        ``return_patch_avgpool`` appends the mean of the normed last-stage tokens, ``forward_features(x)[1]
+        .mean(1)`` (D + num_features; the original ignored the flag). ``depths``, when given, must be the
+        model's depths.
         """
-        if depths and list(depths) != self.depths:
-            raise ValueError(f"depths {list(depths)} do not match the model's {self.depths}")
-        if not 1 <= n <= sum(self.depths):
-            raise ValueError(f"n={n} must be between 1 and the number of blocks {sum(self.depths)}")
+        check_n_last_blocks(n, depths, self.depths)
         last_stage = self.num_stages - 1
-        blocks = [(i, output) for i, outputs in enumerate(self.block_outputs(x)) for output in outputs]
+        per_stage = self.block_outputs(x)
+        blocks = [(i, output) for i, outputs in enumerate(per_stage) for output in outputs]
         pooled = [self.region_tokens(output).mean(dim=1) if i == last_stage else output.mean(dim=(2, 3))
                   for i, output in blocks[-n:]]  # each B x C_i
+        if return_patch_avgpool:
+            pooled.append(self.region_tokens(per_stage[-1][-1]).mean(dim=1))
         return torch.cat(pooled, dim=-1)
 
     def forward(self, x):

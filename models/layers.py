@@ -15,6 +15,15 @@ def init_linear_weights(module):
             nn.init.zeros_(module.bias)
 
 
+def check_n_last_blocks(n, depths, model_depths):
+    """Validates the arguments of ``forward_return_n_last_blocks``: ``1 <= n <=`` the number of blocks, and
+    ``depths`` (the original's stage-depth argument), when given, equal to the model's stage depths."""
+    if depths and list(depths) != list(model_depths):
+        raise ValueError(f"depths {list(depths)} do not match the model's depths {list(model_depths)}")
+    if not 1 <= n <= sum(model_depths):
+        raise ValueError(f"n={n} must be between 1 and the number of blocks {sum(model_depths)}")
+
+
 def attention_probs(q, k, bias, scale):
     """softmax(q * scale @ k^T + bias) over the keys: the weights ``scaled_dot_product_attention(q, k, v,
     attn_mask=bias, scale=scale)`` applies to ``v``, computed step by step.

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, gen_relative_position_index, trunc_normal_
 
 from .registry import register_model
-from .layers import WindowAttentionMaps, attention_probs, init_linear_weights
+from .layers import WindowAttentionMaps, attention_probs, check_n_last_blocks, init_linear_weights
 
 SHIFT_MASK_VALUE = -100.0  # additive attention mask between tokens of different shifted-window regions
 
@@ -284,17 +284,20 @@ class SwinTransformer(nn.Module):
         return self.head(self.forward_features(images)[0])
 
     def forward_return_n_last_blocks(self, images, n=1, return_patch_avgpool=False, depths=()):
-        """The eval_linear feature: token means of the last ``n`` blocks across stages (block outputs before
-        PatchMerging; the final norm applied to last-stage blocks only), concatenated -> B x sum(C_i).
+        """The eval_linear feature B x D: token means of the last ``n`` blocks across stages (block outputs
+        before PatchMerging; the final norm applied to last-stage blocks only), concatenated, D = sum(C_i).
 
-        ``return_patch_avgpool`` is ignored (Swin has no [CLS] token, the original ignores it too);
-        ``depths`` is the original's stage-depth argument and must match the model when given.
+        ``return_patch_avgpool`` appends the mean of the normed last-stage tokens, ``forward_features(x)[1]
+        .mean(1)`` (D + num_features), the analogue of the original ViT's patch-token mean (the original's Swin
+        ignored the flag). Swin has no [CLS] token, so this repeats the last block's mean. ``depths`` is the
+        original's stage-depth argument and must match the model when given.
         """
-        if depths and list(depths) != self.depths:
-            raise ValueError(f'depths {list(depths)} do not match the model depths {self.depths}')
-        _, kept = self._run_blocks(images, keep_last=n)
+        check_n_last_blocks(n, depths, self.depths)
+        tokens, kept = self._run_blocks(images, keep_last=n)
         last_stage = len(self.layers) - 1
         means = [(self.norm(x) if stage == last_stage else x).mean(dim=1) for stage, x, _ in kept]
+        if return_patch_avgpool:
+            means.append(self.norm(tokens).mean(dim=1))
         return torch.cat(means, dim=-1)
 
     def forward_attention_maps(self, images, n_last=1):

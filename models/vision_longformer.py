@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, gen_relative_position_index, trunc_normal_
 
 from .registry import register_model
-from .layers import TokenAttentionMaps, attention_maps_of_last, attention_probs, init_linear_weights
+from .layers import (TokenAttentionMaps, attention_maps_of_last, attention_probs, check_n_last_blocks,
+                     init_linear_weights)
 
 ARCH_DEFAULTS = {'l': 1, 'h': 3, 'd': 192, 'n': 1, 's': 1, 'g': 1, 'p': 2, 'f': 7, 'a': 1, 'r': 0}
 LONGFORMER_ATTN_TYPES = ('longformerhand', 'longformerauto')  # same maths (hand-written vs autograd backward)
@@ -542,14 +543,15 @@ class MsViT(nn.Module):
         return attention_maps_of_last(self, (LongformerAttention, FullAttention), images, n_last)
 
     def forward_return_n_last_blocks(self, images, n=1, return_patch_avgpool=False, depths=()):
-        """The eval_linear feature: the pooled tokens (first global token, or token mean) after each of the
-        last ``n`` blocks across stages, the final norm applied in the last stage, concatenated.
+        """The eval_linear feature B x D: the pooled tokens (first global token, or token mean) after each of
+        the last ``n`` blocks across stages, the final norm applied in the last stage, concatenated.
 
-        ``return_patch_avgpool`` is ignored (as in the original); ``depths``, the original's stage-depth
-        argument, must match the model when given.
+        ``return_patch_avgpool`` appends the mean of the last stage's normed map tokens, its global tokens
+        excluded (D + num_features; the original ignored the flag): ``forward_features(x)[1].mean(1)`` unless
+        the last stage has several global tokens or ``avg_pool`` keeps its global token among the region tokens.
+        ``depths``, the original's stage-depth argument, must match the model when given.
         """
-        if depths and list(depths) != self.depths:
-            raise ValueError(f'depths {list(depths)} do not match the model depths {self.depths}')
+        check_n_last_blocks(n, depths, self.depths)
         first_kept = sum(self.depths) - n
         last = len(self.depths) - 1
         features = []
@@ -559,6 +561,8 @@ class MsViT(nn.Module):
                 if block >= first_kept:
                     features.append(self._pool(self.norm(tokens) if i == last else tokens, self.num_globals[i]))
                 block += 1
+        if return_patch_avgpool:  # outputs: the last stage's, B x (G + nx*ny) x C after each block
+            features.append(self.norm(outputs[-1])[:, self.num_globals[-1]:].mean(dim=1))
         return torch.cat(features, dim=-1)
 
 

@@ -77,11 +77,15 @@ def test_fidelity_to_original_outputs(reference, size):
     x = data[f'x{size}']
     with torch.no_grad():
         pooled, dense = model.forward_features(x)
-        nlast4 = model.forward_return_n_last_blocks(
-            x, n=4, return_patch_avgpool=True, depths=meta['depths_passed_to_forward_return_n_last_blocks'])
+        depths = meta['depths_passed_to_forward_return_n_last_blocks']
+        # the original ignored return_patch_avgpool: its nlast4 is the feature without the patch mean
+        nlast4 = model.forward_return_n_last_blocks(x, n=4, depths=depths)
+        with_patch_mean = model.forward_return_n_last_blocks(x, n=4, return_patch_avgpool=True, depths=depths)
         assert torch.equal(model(x), pooled)
     for name, out in (('pooled', pooled), ('dense', dense), ('nlast4', nlast4)):
         torch.testing.assert_close(out, data[f'out{size}_{name}'], rtol=1e-4, atol=1e-4, msg=name)
+    expected = torch.cat([data[f'out{size}_nlast4'], data[f'out{size}_pooled']], dim=1)
+    torch.testing.assert_close(with_patch_mean, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('rel_pos_embed', [False, True])

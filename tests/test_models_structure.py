@@ -61,3 +61,53 @@ def test_attention_probs_is_the_softmax_that_sdpa_applies(with_bias):
     assert torch.equal(probs, (scores if bias is None else scores + bias).softmax(dim=-1))  # in place: same bits
     torch.testing.assert_close(probs @ v, F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3))
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3, 5))
+
+
+SWIN_TINY = ('experiments/imagenet/swin/swin_tiny_patch4_window7_224.yaml',
+             ['MODEL.NUM_CLASSES', '0', 'MODEL.SPEC.DIM_EMBED', '24', 'MODEL.SPEC.DEPTHS', '[2, 2, 2, 2]',
+              'MODEL.SPEC.NUM_HEADS', '[1, 2, 4, 8]'])
+CVT_TINY = ('experiments/cpu/cvt_tiny_cpu.yaml', [])
+VIL_TINY = 'experiments/cpu/vil_tiny_cpu.yaml'
+VIL_ARCH = ('l1,h1,d16,n1,s1,g1,p4,f4,a0_l2,h2,d32,n1,s1,g1,p2,f4,a0_'
+            'l3,h4,d64,n1,s0,g1,p2,f4,a0_l4,h8,d128,n1,s0,g{},p2,f4,a0')  # last stage: {} global tokens
+# family -> (yaml, opts, leading global tokens among forward_features' region tokens)
+FAMILIES = {
+    'swin': (*SWIN_TINY, 0),
+    'cvt': (*CVT_TINY, 0),
+    'vil_last_stage_g0': (VIL_TINY, ['MODEL.SPEC.MSVIT.ARCH', VIL_ARCH.format(0)], 0),
+    'vil_last_stage_g1': (VIL_TINY, ['MODEL.SPEC.MSVIT.ARCH', VIL_ARCH.format(1)], 0),
+    'vil_last_stage_g2': (VIL_TINY, ['MODEL.SPEC.MSVIT.ARCH', VIL_ARCH.format(2)], 1),  # region = tokens after the 1st
+    'vil_avg_pool_g1': (VIL_TINY, ['MODEL.SPEC.MSVIT.ARCH', VIL_ARCH.format(1), 'MODEL.SPEC.AVG_POOL', 'True'], 1),
+    'resnet': (None, ['MODEL.NAME', 'resnet18'], 0),
+}
+
+
+def build_family(family, is_teacher=True):
+    from models import build_model
+    yaml, opts, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    return build_model(make_config(yaml, opts), is_teacher=is_teacher)
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_patch_avgpool_appends_the_mean_of_the_normed_last_stage_map_tokens(family):
+    model = build_family(family).eval()
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    runs = []
+    first_conv.register_forward_hook(lambda *args: runs.append(1))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        plain = model.forward_return_n_last_blocks(images, n=2)
+        runs.clear()
+        with_mean = model.forward_return_n_last_blocks(images, n=2, return_patch_avgpool=True)
+        assert len(runs) == 1  # one pass of the backbone
+        pooled, region = model.forward_features(images)
+    D = plain.shape[1]
+    assert with_mean.shape == (2, D + model.num_features)
+    assert torch.equal(with_mean[:, :D], plain)
+    skip = FAMILIES[family][2]
+    assert torch.equal(with_mean[:, D:], region[:, skip:].mean(dim=1))
+    if family.endswith('g1') or family.endswith('g2'):  # pooled is the global token, the patch mean is not
+        assert not torch.allclose(with_mean[:, D:], pooled)
+    if family == 'resnet':  # no tokens besides the pooled map: the same pooled mean twice
+        assert torch.equal(with_mean, torch.cat([pooled, pooled], dim=1))

@@ -77,8 +77,13 @@ def test_reproduces_original_outputs(reference):
             pooled, dense = model.forward_features(images)
             assert_matches_reference(pooled, data[f'out{size}_pooled'])
             assert_matches_reference(dense, data[f'out{size}_dense'])
-            nlast = model.forward_return_n_last_blocks(images, n=4, return_patch_avgpool=True, depths=depths)
+            # the original ignored return_patch_avgpool: its nlast4 is the feature without the patch mean
+            nlast = model.forward_return_n_last_blocks(images, n=4, depths=depths)
             assert_matches_reference(nlast, data[f'out{size}_nlast4'])
+            with_patch_mean = model.forward_return_n_last_blocks(images, n=4, return_patch_avgpool=True,
+                                                                 depths=depths)
+            expected = torch.cat([data[f'out{size}_nlast4'], data[f'out{size}_pooled']], dim=1)
+            assert_matches_reference(with_patch_mean, expected)
 
 
 @pytest.mark.parametrize('yaml, image_side', [(W7_YAML, 224), (W7_YAML, 96), (W7_YAML, 64), (W7_YAML, 32),

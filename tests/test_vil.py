@@ -125,10 +125,15 @@ def test_reproduces_original_outputs(fidelity_model, size):
     images = data[f'x{size}']
     with torch.no_grad():
         pooled, dense = model.forward_features(images)
-        nlast = model.forward_return_n_last_blocks(images, n=4, return_patch_avgpool=True,
-                                                   depths=meta['depths_passed_to_forward_return_n_last_blocks'])
+        depths = meta['depths_passed_to_forward_return_n_last_blocks']
+        # the original ignored return_patch_avgpool: its nlast4 is the feature without the patch mean
+        nlast = model.forward_return_n_last_blocks(images, n=4, depths=depths)
+        with_patch_mean = model.forward_return_n_last_blocks(images, n=4, return_patch_avgpool=True, depths=depths)
     for name, out in (('pooled', pooled), ('dense', dense), ('nlast4', nlast)):
         torch.testing.assert_close(out, data[f'out{size}_{name}'], rtol=1e-4, atol=1e-5)
+    # the last stage has no global token: its pooled output is the mean of its normed tokens
+    expected = torch.cat([data[f'out{size}_nlast4'], data[f'out{size}_pooled']], dim=1)
+    torch.testing.assert_close(with_patch_mean, expected, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- sliding-chunk attention
