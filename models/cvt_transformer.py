@@ -302,12 +302,8 @@ def stage_specs(spec):
 
 
 @register_model('cvt_v4_transformer')
-def build_cvt(config, is_teacher=False, use_dense_prediction=False):
-    """CvT-v4 from ``config.MODEL.SPEC``; the teacher gets drop-path 0.
-
-    ``use_dense_prediction`` is accepted for the common builder signature: forward_features
-    always returns the region tokens too.
-    """
+def build_cvt(config, is_teacher=False):
+    """CvT-v4 from ``config.MODEL.SPEC``; the teacher gets drop-path 0."""
     spec = config.MODEL.SPEC
     if spec.INIT != 'trunc_norm':
         raise ValueError(f"MODEL.SPEC.INIT {spec.INIT!r}: the original always initialises CvT with 'trunc_norm'")

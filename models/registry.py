@@ -1,7 +1,8 @@
 """Maps the yaml's ``MODEL.NAME`` (or a torchvision ``--arch``) to a backbone builder.
 
-Every registered builder has the signature ``builder(config, is_teacher, use_dense_prediction)``
-and returns a backbone that honours the shared forward contract:
+Every registered builder has the signature ``builder(config, is_teacher=False)`` (the teacher is built
+without stochastic depth) and returns a backbone that honours the shared forward contract, whether or not
+the training uses the region-level head:
 
 - ``forward_features(x) -> (pooled [B, C], region tokens [B, N, C])``
 - ``forward_return_n_last_blocks(x, n=1, return_patch_avgpool=False, depths=()) -> [B, D]``: the pooled
@@ -59,9 +60,9 @@ def model_name_for_arch(arch, model_name=''):
     return model_name
 
 
-def build_model(config, is_teacher=False, use_dense_prediction=False):
+def build_model(config, is_teacher=False):
     """Build the backbone named by ``config.MODEL.NAME`` (the teacher gets drop-path 0)."""
     name = config.MODEL.NAME
     if name not in _BUILDERS:
         raise UnknownModelError(f"unknown MODEL.NAME {name!r}; known: {', '.join(registered_models())}")
-    return _BUILDERS[name](config, is_teacher=is_teacher, use_dense_prediction=use_dense_prediction)
+    return _BUILDERS[name](config, is_teacher=is_teacher)

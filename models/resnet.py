@@ -49,7 +49,7 @@ class ResNetBackbone(nn.Module):
 
 
 def _build_resnet(arch):
-    def builder(config, is_teacher=False, use_dense_prediction=False):
+    def builder(config, is_teacher=False):  # no drop path: student and teacher are built alike
         return ResNetBackbone(arch)
     return builder
 

@@ -243,14 +243,6 @@ class SwinTransformer(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_linear_weights)
 
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return {'absolute_pos_embed'}
-
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self):
-        return {'relative_position_bias_table'}
-
     def _run_blocks(self, images, keep_last=0, with_attention=False):
         """Runs the backbone. Returns the last-stage tokens B x N x C (before the final norm) and, for the
         last ``keep_last`` blocks (across stages, in order), ``(stage index, output tokens B x L x C,
@@ -308,12 +300,8 @@ class SwinTransformer(nn.Module):
 
 
 @register_model('swin_transformer')
-def build_swin_transformer(config, is_teacher=False, use_dense_prediction=False):
-    """Swin backbone from ``config.MODEL.SPEC``; the teacher gets drop-path 0.
-
-    ``use_dense_prediction`` is accepted for the shared builder signature: ``forward_features`` always
-    returns the region tokens, and the heads live outside the backbone.
-    """
+def build_swin_transformer(config, is_teacher=False):
+    """Swin backbone from ``config.MODEL.SPEC``; the teacher gets drop-path 0."""
     spec = config.MODEL.SPEC
     return SwinTransformer(
         img_size=config.TRAIN.IMAGE_SIZE[0],

@@ -489,11 +489,6 @@ class MsViT(nn.Module):
         self.norm = norm_layer(self.num_features)
         self.apply(init_linear_weights)
 
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        """The original's set (names and name fragments)."""
-        return {'pos_embed', 'cls_token', 'norm.weight', 'norm.bias', 'norm_embed', 'head.bias', 'relative_position'}
-
     @property
     def stages(self):
         return [getattr(self, f'layer{k}') for k in range(1, len(self.layer_cfgs) + 1)]
@@ -572,13 +567,12 @@ def check_attention_mode(mode):
 
 
 @register_model('vision_longformer')
-def build_vision_longformer(config, is_teacher=False, use_dense_prediction=False):
+def build_vision_longformer(config, is_teacher=False):
     """MsViT from ``config.MODEL.SPEC`` (construction grid from ``TRAIN.IMAGE_SIZE``); the teacher gets
     drop-path 0.
 
-    ``use_dense_prediction`` is accepted for the shared builder signature (``forward_features`` always
-    returns the region tokens). ``MSVIT.SHARE_KV`` (Linformer only), ``POOL_METHOD`` (pooled keys only)
-    do not affect the backbone; ``VIL_MODE_SWITCH`` is applied by :meth:`MsViT.set_epoch`.
+    ``MSVIT.SHARE_KV`` (Linformer only), ``POOL_METHOD`` (pooled keys only) do not affect the backbone;
+    ``VIL_MODE_SWITCH`` is applied by :meth:`MsViT.set_epoch`.
     """
     spec = config.MODEL.SPEC
     msvit = spec.MSVIT

@@ -31,7 +31,7 @@ def test_state_dict_matches_original_checkpoint_layout(reference):
     expected = {key.removeprefix('module.'): shape for key, shape in manifest['state_dict']
                 if not key.startswith(('module.head.', 'module.head_dense.'))}
     with torch.device('meta'):
-        model = build_model(make_config(S1), use_dense_prediction=True)
+        model = build_model(make_config(S1))
     assert {key: list(t.shape) for key, t in model.state_dict().items()} == expected
     assert sum(p.numel() for p in model.parameters()) == manifest['backbone_params'] == 29303616
     assert model.state_dict()['stage0.1.layers.0.0.fn.qkv.bn.num_batches_tracked'].dtype == torch.int64
@@ -52,7 +52,7 @@ def test_init_reproduces_the_original(reference):
     config, _ = reduced_config(reference)
     saved = reference('fidelity_cvt_tiny.pt')['state_dict']
     torch.manual_seed(0)
-    model = build_model(config, is_teacher=True, use_dense_prediction=True)
+    model = build_model(config, is_teacher=True)
     noise = torch.Generator().manual_seed(1234)
     for key, tensor in model.state_dict().items():
         if not tensor.is_floating_point():
@@ -71,7 +71,7 @@ def test_init_reproduces_the_original(reference):
 def test_fidelity_to_original_outputs(reference, size):
     config, meta = reduced_config(reference)
     data = reference('fidelity_cvt_tiny.pt')
-    model = build_model(config, is_teacher=True, use_dense_prediction=True)
+    model = build_model(config, is_teacher=True)
     model.load_state_dict(data['state_dict'], strict=True)
     model.eval()
     x = data[f'x{size}']

@@ -24,7 +24,7 @@ DRAW_TO_OFFSET = {1: (-1, -1), 2: (-1, 0), 3: (-1, 1), 4: (0, -1), 5: (0, 1), 6:
 
 def tiny_vil(opts=(), is_teacher=True):
     torch.manual_seed(0)
-    return build_model(make_config(CPU_YAML, list(opts)), is_teacher=is_teacher, use_dense_prediction=True)
+    return build_model(make_config(CPU_YAML, list(opts)), is_teacher=is_teacher)
 
 
 def longformer_modules(model):
@@ -50,7 +50,7 @@ def test_state_dict_matches_original_checkpoint_layout(reference):
     expected = [(key[len('module.'):], shape) for key, shape in manifest['state_dict']
                 if not key.startswith(HEAD_PREFIXES)]
     with torch.device('meta'):
-        model = build_model(make_config(VIL_2262_YAML), use_dense_prediction=True)
+        model = build_model(make_config(VIL_2262_YAML))
 
     state = model.state_dict()
     assert [(key, list(t.shape)) for key, t in state.items()] == expected
@@ -114,7 +114,7 @@ def fidelity_model():
         pytest.skip(f'{REFERENCE_DIR}/fidelity_vil_2262.pt not found')
     meta = json.loads((REFERENCE_DIR / 'fidelity_vil_2262.json').read_text())
     data = torch.load(REFERENCE_DIR / 'fidelity_vil_2262.pt', map_location='cpu', weights_only=True)
-    model = build_model(make_config(meta['cfg'], meta['opts']), is_teacher=True, use_dense_prediction=True)
+    model = build_model(make_config(meta['cfg'], meta['opts']), is_teacher=True)
     model.load_state_dict(data['state_dict'], strict=True)
     return model.eval(), meta, data
 
