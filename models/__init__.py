@@ -1,7 +1,7 @@
 """Backbones, projection heads, the multi-crop wrapper and the EsViT losses."""
 from .registry import build_model, model_name_for_arch, register_model, registered_models, UnknownModelError
 from .head import DINOHead
-from .multicrop import MultiCropWrapper
+from .multicrop import MultiCropOutput, MultiCropWrapper
 from .losses import DINOLoss, DDINOLoss
 from .sync_batchnorm import convert_sync_batchnorm
 
