@@ -1,5 +1,5 @@
 """Backbones, projection heads, the multi-crop wrapper and the EsViT losses."""
-from .registry import build_model, model_name_for_arch, register_model, registered_models, UnknownModelError
+from .registry import ModelError, build_model, model_name_for_arch, register_model, registered_models
 from .head import DINOHead
 from .multicrop import MultiCropOutput, MultiCropWrapper
 from .losses import DINOLoss, DDINOLoss

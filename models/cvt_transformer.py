@@ -17,7 +17,7 @@ from timm.layers import DropPath, QuickGELU, gen_relative_position_index, trunc_
 from torch import nn
 
 from .layers import WindowAttentionMaps, attention_maps_of_last, attention_probs, check_n_last_blocks
-from .registry import register_model
+from .registry import ModelError, register_model
 
 
 class LayerNorm(nn.LayerNorm):
@@ -289,7 +289,7 @@ class CvT(nn.Module):
 def stage_specs(spec):
     """The per-stage settings of a ``MODEL.SPEC`` node (its per-stage lists, one entry per stage)."""
     if any(spec.SHIFT):
-        raise ValueError("MODEL.SPEC.SHIFT True is not supported: the original cvt_v4 code never shifts windows "
+        raise ModelError("MODEL.SPEC.SHIFT True is not supported: the original cvt_v4 code never shifts windows "
                          "(it only adds a SW-MSA mask, and fails on maps smaller than the window)")
     per_stage = dict(dim=spec.DIM_EMBED, depth=spec.DEPTH, num_heads=spec.NUM_HEADS, patch_size=spec.PATCH_SIZE,
                      patch_stride=spec.PATCH_STRIDE, patch_padding=spec.PATCH_PADDING,
@@ -297,7 +297,7 @@ def stage_specs(spec):
                      kernel_qkv=spec.KERNEL_QKV, padding_qkv=spec.PADDING_QKV)
     wrong = [key for key, values in dict(per_stage, shift=spec.SHIFT).items() if len(values) != spec.NUM_STAGES]
     if wrong:
-        raise ValueError(f"MODEL.SPEC lists {wrong} must have NUM_STAGES={spec.NUM_STAGES} entries")
+        raise ModelError(f"MODEL.SPEC lists {wrong} must have NUM_STAGES={spec.NUM_STAGES} entries")
     return [StageSpec(**dict(zip(per_stage, values))) for values in zip(*per_stage.values())]
 
 
@@ -306,6 +306,6 @@ def build_cvt(config, is_teacher=False):
     """CvT-v4 from ``config.MODEL.SPEC``; the teacher gets drop-path 0."""
     spec = config.MODEL.SPEC
     if spec.INIT != 'trunc_norm':
-        raise ValueError(f"MODEL.SPEC.INIT {spec.INIT!r}: the original always initialises CvT with 'trunc_norm'")
+        raise ModelError(f"MODEL.SPEC.INIT {spec.INIT!r}: the original always initialises CvT with 'trunc_norm'")
     return CvT(stage_specs(spec), rel_pos_embed=spec.REL_POS_EMBED, res_stem=spec.RES_STEM,
                drop_path_rate=0.0 if is_teacher else spec.DROP_PATH_RATE)

@@ -23,8 +23,9 @@ ARCH_FAMILIES = {
 }
 
 
-class UnknownModelError(ValueError):
-    """An architecture name that no builder is registered for, or one that contradicts the yaml."""
+class ModelError(ValueError):
+    """A configuration the models cannot build: an architecture name that no builder is registered for or
+    that contradicts the yaml, or a ``MODEL.SPEC`` a builder does not support. The message is one line."""
 
 
 def register_model(*names):
@@ -43,20 +44,20 @@ def registered_models():
 def model_name_for_arch(arch, model_name=''):
     """The ``MODEL.NAME`` to build for ``--arch`` given the yaml's ``MODEL.NAME`` (may be empty).
 
-    Raises :class:`UnknownModelError` when the arch is unknown or belongs to another family.
+    Raises :class:`ModelError` when the arch is unknown or belongs to another family.
     """
     family = ARCH_FAMILIES.get(arch) or (arch if arch in _BUILDERS else None)
     if arch and family is None:
         known = sorted(ARCH_FAMILIES) + [name for name in registered_models() if name not in ARCH_FAMILIES.values()]
-        raise UnknownModelError(f"unknown --arch {arch!r}; known: {', '.join(known)}")
+        raise ModelError(f"unknown --arch {arch!r}; known: {', '.join(known)}")
     if not model_name:
         if family is None:
-            raise UnknownModelError("no architecture given: pass --arch or a --cfg yaml with MODEL.NAME")
+            raise ModelError("no architecture given: pass --arch or a --cfg yaml with MODEL.NAME")
         return family
     if family is not None and family != model_name:
-        raise UnknownModelError(f"--arch {arch} is a {family} model but the yaml's MODEL.NAME is {model_name}")
+        raise ModelError(f"--arch {arch} is a {family} model but the yaml's MODEL.NAME is {model_name}")
     if model_name not in _BUILDERS:
-        raise UnknownModelError(f"unknown MODEL.NAME {model_name!r}; known: {', '.join(registered_models())}")
+        raise ModelError(f"unknown MODEL.NAME {model_name!r}; known: {', '.join(registered_models())}")
     return model_name
 
 
@@ -64,5 +65,5 @@ def build_model(config, is_teacher=False):
     """Build the backbone named by ``config.MODEL.NAME`` (the teacher gets drop-path 0)."""
     name = config.MODEL.NAME
     if name not in _BUILDERS:
-        raise UnknownModelError(f"unknown MODEL.NAME {name!r}; known: {', '.join(registered_models())}")
+        raise ModelError(f"unknown MODEL.NAME {name!r}; known: {', '.join(registered_models())}")
     return _BUILDERS[name](config, is_teacher=is_teacher)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, gen_relative_position_index, trunc_normal_
 
-from .registry import register_model
+from .registry import ModelError, register_model
 from .layers import WindowAttentionMaps, attention_probs, check_n_last_blocks, init_linear_weights
 
 SHIFT_MASK_VALUE = -100.0  # additive attention mask between tokens of different shifted-window regions
@@ -303,6 +303,9 @@ class SwinTransformer(nn.Module):
 def build_swin_transformer(config, is_teacher=False):
     """Swin backbone from ``config.MODEL.SPEC``; the teacher gets drop-path 0."""
     spec = config.MODEL.SPEC
+    if len(spec.DEPTHS) != len(spec.NUM_HEADS):
+        raise ModelError(f"MODEL.SPEC.DEPTHS {list(spec.DEPTHS)} and NUM_HEADS {list(spec.NUM_HEADS)} must have one "
+                         f"entry per stage")
     return SwinTransformer(
         img_size=config.TRAIN.IMAGE_SIZE[0],
         patch_size=spec.PATCH_SIZE,

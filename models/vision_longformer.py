@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, gen_relative_position_index, trunc_normal_
 
-from .registry import register_model
+from .registry import ModelError, register_model
 from .layers import (TokenAttentionMaps, attention_maps_of_last, attention_probs, check_n_last_blocks,
                      init_linear_weights)
 
@@ -59,13 +59,13 @@ def parse_arch(arch):
         cfg = dict(ARCH_DEFAULTS)
         for field in stage.split(','):
             if field[:1] not in ARCH_DEFAULTS or not field[1:].isdigit():
-                raise ValueError(f"MSVIT.ARCH {arch!r}: bad field {field!r} (expected one of "
+                raise ModelError(f"MSVIT.ARCH {arch!r}: bad field {field!r} (expected one of "
                                  f"{''.join(ARCH_DEFAULTS)} followed by an integer)")
             cfg[field[0]] = int(field[1:])
         if cfg['l'] != stage_id:
-            raise ValueError(f"MSVIT.ARCH {arch!r}: stage {stage_id} is labelled l{cfg['l']}")
+            raise ModelError(f"MSVIT.ARCH {arch!r}: stage {stage_id} is labelled l{cfg['l']}")
         if cfg['r']:
-            raise ValueError(f"MSVIT.ARCH {arch!r}: pooled keys (r{cfg['r']}) are not supported")
+            raise ModelError(f"MSVIT.ARCH {arch!r}: pooled keys (r{cfg['r']}) are not supported")
         stages.append(cfg)
     return stages
 
@@ -144,7 +144,7 @@ class LongformerAttention(nn.Module):
                  proj_drop=0.):
         super().__init__()
         if only_global and num_global < 1:
-            raise ValueError('MSVIT.ONLY_GLOBAL needs global tokens (g >= 1) in every longformer stage')
+            raise ModelError('MSVIT.ONLY_GLOBAL needs global tokens (g >= 1) in every longformer stage')
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.window = window
@@ -468,7 +468,7 @@ class MsViT(nn.Module):
                  mode_switch=0.):
         super().__init__()
         if attn_type not in SUPPORTED_ATTN_TYPES:
-            raise ValueError(f"MSVIT.ATTN_TYPE {attn_type!r} is not supported (choose from {SUPPORTED_ATTN_TYPES})")
+            raise ModelError(f"MSVIT.ATTN_TYPE {attn_type!r} is not supported (choose from {SUPPORTED_ATTN_TYPES})")
         check_attention_mode(mode)
         self.mode, self.mode_switch = mode, mode_switch
         self.layer_cfgs = parse_arch(arch)
@@ -563,7 +563,7 @@ class MsViT(nn.Module):
 
 def check_attention_mode(mode):
     if mode < -1:
-        raise ValueError(f'MSVIT.MODE must be -1 (own chunk), 0 (all chunks) or > 0 (random neighbour), got {mode}')
+        raise ModelError(f'MSVIT.MODE must be -1 (own chunk), 0 (all chunks) or > 0 (random neighbour), got {mode}')
 
 
 @register_model('vision_longformer')
@@ -577,9 +577,9 @@ def build_vision_longformer(config, is_teacher=False):
     spec = config.MODEL.SPEC
     msvit = spec.MSVIT
     if msvit.SW_EXACT != 0:
-        raise ValueError(f'MSVIT.SW_EXACT {msvit.SW_EXACT} is not supported: only 0 (zero-padded sliding chunks)')
+        raise ModelError(f'MSVIT.SW_EXACT {msvit.SW_EXACT} is not supported: only 0 (zero-padded sliding chunks)')
     if msvit.WITH_SE is not None:
-        raise ValueError(f'MSVIT.WITH_SE {msvit.WITH_SE!r} is not supported: only None')
+        raise ModelError(f'MSVIT.WITH_SE {msvit.WITH_SE!r} is not supported: only None')
     return MsViT(
         arch=msvit.ARCH,
         img_size=config.TRAIN.IMAGE_SIZE[0],

@@ -5,7 +5,7 @@ from einops import rearrange
 from timm.layers import DropPath
 
 from conftest import make_config
-from models import build_model
+from models import ModelError, build_model
 from models.cvt_transformer import WindowAttention
 
 S1 = 'experiments/imagenet/cvt_v4/s1.yaml'
@@ -154,5 +154,5 @@ def test_res_stem_replaces_the_stage0_embedding():
 
 
 def test_shift_is_rejected():
-    with pytest.raises(ValueError, match='SHIFT'):
+    with pytest.raises(ModelError, match='SHIFT'):
         build_model(make_config(TINY, ['MODEL.SPEC.SHIFT', '[True, True, True, True]']))

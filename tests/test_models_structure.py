@@ -111,3 +111,30 @@ def test_patch_avgpool_appends_the_mean_of_the_normed_last_stage_map_tokens(fami
         assert not torch.allclose(with_mean[:, D:], pooled)
     if family == 'resnet':  # no tokens besides the pooled map: the same pooled mean twice
         assert torch.equal(with_mean, torch.cat([pooled, pooled], dim=1))
+
+
+BAD_CONFIGS = {  # (yaml, opts, a word of the message)
+    'swin stage lists': (SWIN_TINY[0], SWIN_TINY[1] + ['MODEL.SPEC.NUM_HEADS', '[1, 2, 4]'], 'NUM_HEADS'),
+    'cvt shift': (CVT_TINY[0], ['MODEL.SPEC.SHIFT', '[True, True, True, True]'], 'SHIFT'),
+    'cvt stage lists': (CVT_TINY[0], ['MODEL.SPEC.DEPTH', '[1, 1, 1]'], 'NUM_STAGES'),
+    'cvt init': (CVT_TINY[0], ['MODEL.SPEC.INIT', 'xavier'], 'INIT'),
+    'vil sw_exact': (VIL_TINY, ['MODEL.SPEC.MSVIT.SW_EXACT', '1'], 'SW_EXACT'),
+    'vil with_se': (VIL_TINY, ['MODEL.SPEC.MSVIT.WITH_SE', 'SE'], 'WITH_SE'),
+    'vil attn_type': (VIL_TINY, ['MODEL.SPEC.MSVIT.ATTN_TYPE', 'performer'], 'ATTN_TYPE'),
+    'vil arch field': (VIL_TINY, ['MODEL.SPEC.MSVIT.ARCH', 'l1,h1,x3'], 'bad field'),
+    'vil arch stage label': (VIL_TINY, ['MODEL.SPEC.MSVIT.ARCH', 'l1,h1_l3,h1'], 'labelled'),
+    'vil arch pooled keys': (VIL_TINY, ['MODEL.SPEC.MSVIT.ARCH', 'l1,h1,r2'], 'pooled keys'),
+    'vil mode': (VIL_TINY, ['MODEL.SPEC.MSVIT.MODE', '-2'], 'MODE'),
+    'vil only_global': (VIL_TINY, ['MODEL.SPEC.MSVIT.ONLY_GLOBAL', 'True', 'MODEL.SPEC.MSVIT.ARCH', 'l1,h1,g0'],
+                        'ONLY_GLOBAL'),
+    'unknown model': (None, ['MODEL.NAME', 'no_such_model'], 'no_such_model'),
+}
+
+
+@pytest.mark.parametrize('case', BAD_CONFIGS)
+def test_bad_configs_raise_one_line_model_errors(case):
+    from models import ModelError, build_model
+    yaml, opts, word = BAD_CONFIGS[case]
+    with pytest.raises(ModelError, match=word) as error, torch.device('meta'):
+        build_model(make_config(yaml, opts))
+    assert isinstance(error.value, ValueError) and '\n' not in str(error.value)

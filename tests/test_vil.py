@@ -9,7 +9,7 @@ import torch.nn as nn
 from timm.layers import DropPath
 
 from conftest import REFERENCE_DIR, make_config
-from models import build_model
+from models import ModelError, build_model
 from models.vision_longformer import ALL_NEIGHBOURS, LongformerAttention, MsViT, parse_arch
 
 CPU_YAML = 'experiments/cpu/vil_tiny_cpu.yaml'
@@ -327,11 +327,11 @@ def test_arch_parsing_and_unsupported_options():
     assert parse_arch('l1,h3,d96_l2')[1] == {'l': 2, 'h': 3, 'd': 192, 'n': 1, 's': 1, 'g': 1, 'p': 2, 'f': 7,
                                               'a': 1, 'r': 0}
     for arch in ('l2,h3', 'l1,x3', 'l1,r1'):
-        with pytest.raises(ValueError):
+        with pytest.raises(ModelError):
             parse_arch(arch)
     for opts in (['MODEL.SPEC.MSVIT.SW_EXACT', '1'], ['MODEL.SPEC.MSVIT.ATTN_TYPE', 'linformer'],
                  ['MODEL.SPEC.MSVIT.WITH_SE', 'SE']):
-        with pytest.raises(ValueError):
+        with pytest.raises(ModelError):
             tiny_vil(opts)
 
 
