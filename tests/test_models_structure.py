@@ -138,3 +138,29 @@ def test_bad_configs_raise_one_line_model_errors(case):
     with pytest.raises(ModelError, match=word) as error, torch.device('meta'):
         build_model(make_config(yaml, opts))
     assert isinstance(error.value, ValueError) and '\n' not in str(error.value)
+
+
+META_BUILDS = {  # every family, with the options that add parameters or buffers
+    'swin': SWIN_TINY,
+    'swin_ape': (SWIN_TINY[0], SWIN_TINY[1] + ['MODEL.SPEC.USE_APE', 'True']),
+    'cvt': CVT_TINY,
+    'cvt_rpe_res_stem': (CVT_TINY[0], ['MODEL.SPEC.REL_POS_EMBED', 'True', 'MODEL.SPEC.RES_STEM', 'True']),
+    'vil': (VIL_TINY, ['MODEL.SPEC.MSVIT.ARCH', VIL_ARCH.format(1)]),
+    'vil_ape_unshared': (VIL_TINY, ['MODEL.SPEC.MSVIT.ARCH', VIL_ARCH.format(1).replace('a0', 'a1'),
+                                    'MODEL.SPEC.MSVIT.SHARE_W', 'False']),
+    'resnet': (None, ['MODEL.NAME', 'resnet18']),
+}
+
+
+@pytest.mark.parametrize('case', META_BUILDS)
+def test_every_backbone_builds_on_the_meta_device(case):
+    """No storage is allocated, and the checkpoint layout is that of a real build."""
+    from models import build_model
+    config = make_config(*META_BUILDS[case])
+    with torch.device('meta'):
+        model = build_model(config)
+    state = model.state_dict()
+    assert all(t.is_meta for t in state.values())
+    assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    real = build_model(config).state_dict()
+    assert [(k, t.shape, t.dtype) for k, t in state.items()] == [(k, t.shape, t.dtype) for k, t in real.items()]
