@@ -136,31 +136,52 @@ def gather_tokens(tokens, index, num_heads):
     return tokens.index_select(2, index)
 
 
-class LongformerAttention(nn.Module):
+class ViLAttention(nn.Module):
+    """What ViL's two attentions share: heads, scale, G global tokens, the output dropout and, with ``rpe``, the
+    learned position biases under the original's keys: ``local_relative_position_bias_table`` (table_size x
+    heads, read through the subclass's ``relative_position_index``) and, with global tokens,
+    ``g2l_relative_position_bias`` (2 x heads x G; [0]: global queries -> local keys, [1]: local queries ->
+    global keys) and ``g2g_relative_position_bias`` (heads x G x G)."""
+
+    def __init__(self, dim, num_heads, num_global, rpe, table_size, proj_drop):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.num_global = num_global
+        self.rpe = rpe
+        if rpe:
+            self.local_relative_position_bias_table = nn.Parameter(torch.zeros(table_size, num_heads))
+            trunc_normal_(self.local_relative_position_bias_table, std=.02)
+            if num_global:
+                self.g2l_relative_position_bias = nn.Parameter(torch.zeros(2, num_heads, num_global))
+                self.g2g_relative_position_bias = nn.Parameter(torch.zeros(num_heads, num_global, num_global))
+                trunc_normal_(self.g2l_relative_position_bias, std=.02)
+                trunc_normal_(self.g2g_relative_position_bias, std=.02)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def global_query_bias(self, num_local):
+        """H x G x (G + num_local): the position bias of the global queries over the [global, local] keys."""
+        to_local = self.g2l_relative_position_bias[0][:, :, None].expand(-1, -1, num_local)
+        return torch.cat([self.g2g_relative_position_bias, to_local], dim=-1)
+
+    def local_query_global_bias(self, num_queries):
+        """H x num_queries x G: the position bias of local queries over the global keys."""
+        return self.g2l_relative_position_bias[1][:, None, :].expand(-1, num_queries, -1)
+
+
+class LongformerAttention(ViLAttention):
     """Vision Longformer attention: global tokens attend to all tokens, local tokens to the global tokens
     and to their neighbourhood of W x W chunks (the original ``Long2DSCSelfAttention``, ``SW_EXACT 0``)."""
 
     def __init__(self, dim, num_heads, window, num_global, share_weights, rpe, mode=0, only_global=False,
                  proj_drop=0.):
-        super().__init__()
         if only_global and num_global < 1:
             raise ModelError('MSVIT.ONLY_GLOBAL needs global tokens (g >= 1) in every longformer stage')
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
+        super().__init__(dim, num_heads, num_global, rpe, (4 * window - 1) ** 2, proj_drop)
         self.window = window
-        self.num_global = num_global
         self.only_global = only_global
         self.mode = mode
-        self.rpe = rpe
         if rpe:
-            self.local_relative_position_bias_table = nn.Parameter(torch.zeros((4 * window - 1) ** 2, num_heads))
-            trunc_normal_(self.local_relative_position_bias_table, std=.02)
-            if num_global:
-                # [0]: global query -> local keys, [1]: local query -> global keys
-                self.g2l_relative_position_bias = nn.Parameter(torch.zeros(2, num_heads, num_global))
-                self.g2g_relative_position_bias = nn.Parameter(torch.zeros(num_heads, num_global, num_global))
-                trunc_normal_(self.g2l_relative_position_bias, std=.02)
-                trunc_normal_(self.g2g_relative_position_bias, std=.02)
             self.register_buffer('relative_position_index', sliding_chunk_relative_position_index(window))
         self.query = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
@@ -169,7 +190,6 @@ class LongformerAttention(nn.Module):
             self.query_global = self.query if share_weights else nn.Linear(dim, dim)
             self.kv_global = self.kv if share_weights else nn.Linear(dim, 2 * dim)
             self.proj_global = self.proj if share_weights else nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     def neighbours(self):
         """Neighbour chunks attended in this forward (:data:`ALL_NEIGHBOURS` numbering), own chunk first."""
@@ -197,10 +217,7 @@ class LongformerAttention(nn.Module):
         H = self.num_heads
         q = query.view(B, G, H, C // H).transpose(1, 2)
         k, v = kv.view(B, -1, 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = None
-        if self.rpe:
-            to_local = self.g2l_relative_position_bias[0][:, :, None].expand(-1, -1, k.shape[2] - G)
-            bias = torch.cat([self.g2g_relative_position_bias, to_local], dim=-1)[None].to(q.dtype)
+        bias = self.global_query_bias(k.shape[2] - G)[None].to(q.dtype) if self.rpe else None
         return q, k, v, bias
 
     def global_attention(self, query, kv):
@@ -270,10 +287,10 @@ class LongformerAttention(nn.Module):
         if self.rpe:
             index = self.relative_position_index.view(W2, 9, W2)[:, list(neighbours)].reshape(-1)
             local_bias = self.local_relative_position_bias_table[index].view(W2, -1, H).permute(2, 0, 1)
-            global_bias = self.g2l_relative_position_bias[1] if G else key_mask.new_zeros(H, 0)  # H x G
+            global_bias = self.local_query_global_bias(W2) if G else key_mask.new_zeros(H, W2, 0)
         else:
-            local_bias, global_bias = key_mask.new_zeros(H, W2, S - G), key_mask.new_zeros(H, G)
-        bias = torch.cat([global_bias[:, None, :].expand(H, W2, G), local_bias], dim=-1)  # H x W2 x S
+            local_bias, global_bias = key_mask.new_zeros(H, W2, S - G), key_mask.new_zeros(H, W2, G)
+        bias = torch.cat([global_bias, local_bias], dim=-1)  # H x W2 x S
         return (bias[:, None] + key_mask[None, :, None]).flatten(0, 1)
 
 
@@ -291,30 +308,18 @@ def scatter_chunk_probs(chunk_probs, layout, num_tokens):
     return dense.view(B, H, L + 1, num_tokens + 1)[:, :, :L, :num_tokens]
 
 
-class FullAttention(nn.Module):
+class FullAttention(ViLAttention):
     """Multi-head attention over all tokens, with an optional relative position bias built for the wx x wy
     grid of the construction resolution (the original ``Attention``)."""
 
     def __init__(self, dim, num_heads, num_global, rpe, grid, proj_drop=0.):
-        super().__init__()
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.num_global = num_global
-        self.rpe = rpe
+        wx, wy = grid
+        super().__init__(dim, num_heads, num_global, rpe, (2 * wx - 1) * (2 * wy - 1), proj_drop)
         if rpe:
-            wx, wy = grid
-            self.local_relative_position_bias_table = nn.Parameter(torch.zeros((2 * wx - 1) * (2 * wy - 1), num_heads))
-            trunc_normal_(self.local_relative_position_bias_table, std=.02)
-            if num_global:
-                self.g2l_relative_position_bias = nn.Parameter(torch.zeros(2, num_heads, num_global))
-                self.g2g_relative_position_bias = nn.Parameter(torch.zeros(num_heads, num_global, num_global))
-                trunc_normal_(self.g2l_relative_position_bias, std=.02)
-                trunc_normal_(self.g2g_relative_position_bias, std=.02)
             # L x L (L = wx*wy) index into the table: (dx + wx - 1) * (2 wy - 1) + (dy + wy - 1)
             self.register_buffer('relative_position_index', gen_relative_position_index((wx, wy)))
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     def position_bias(self, num_local):
         """H x N x N, N = G + num_local. The L x L local bias of the construction grid is resized, when
@@ -324,14 +329,10 @@ class FullAttention(nn.Module):
         local = local.view(L, L, -1).permute(2, 0, 1)  # H x L x L
         if num_local != L:
             local = F.interpolate(local.unsqueeze(0).contiguous(), scale_factor=num_local / L, mode='bicubic')[0]
-        G = self.num_global
-        if not G:
+        if not self.num_global:
             return local
-        H = local.shape[0]
-        from_global = torch.cat([self.g2g_relative_position_bias,
-                                 self.g2l_relative_position_bias[0][:, :, None].expand(H, G, num_local)], dim=-1)
-        from_local = torch.cat([self.g2l_relative_position_bias[1][:, None, :].expand(H, num_local, G), local], dim=-1)
-        return torch.cat([from_global, from_local], dim=1)
+        from_local = torch.cat([self.local_query_global_bias(num_local), local], dim=-1)
+        return torch.cat([self.global_query_bias(num_local), from_local], dim=1)
 
     def qkv_bias(self, x):
         """x: B x N x C -> q, k, v (B x H x N x hd each) and the 1 x H x N x N position bias or None."""
@@ -535,7 +536,7 @@ class MsViT(nn.Module):
     def forward_attention_maps(self, images, n_last=1):
         """Attention probabilities of the last ``n_last`` blocks (across stages, in block order), each dense
         :class:`TokenAttentionMaps` (``probs`` B x heads x N x N over the global then the map tokens)."""
-        return attention_maps_of_last(self, (LongformerAttention, FullAttention), images, n_last)
+        return attention_maps_of_last(self, ViLAttention, images, n_last)
 
     def forward_return_n_last_blocks(self, images, n=1, return_patch_avgpool=False, depths=()):
         """The eval_linear feature B x D: the pooled tokens (first global token, or token mean) after each of
