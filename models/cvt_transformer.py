@@ -9,6 +9,7 @@ window before the q/k/v convolution (padding tokens are attended to, unmasked), 
 QuickGELU, and LayerNorm runs in fp32.
 """
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,8 @@ from einops import rearrange
 from timm.layers import DropPath, QuickGELU, gen_relative_position_index, trunc_normal_
 from torch import nn
 
-from .layers import WindowAttentionMaps, attention_maps_of_last, attention_probs, check_n_last_blocks
+from .layers import (WindowAttentionMaps, attention_maps_of_last, attention_probs, check_n_last_blocks,
+                     init_trunc_normal)
 from .registry import ModelError, register_model
 
 
@@ -229,17 +231,7 @@ class CvT(nn.Module):
             in_chans = stage.dim
         self.num_features = in_chans
         self.norm = LayerNorm(in_chans)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Conv2d):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(partial(init_trunc_normal, layer_types=(nn.Conv2d,)))  # norms keep their 1 / 0 defaults
 
     def block_outputs(self, x):
         """Per stage, the list of its blocks' output maps (B x C_i x H_i x W_i)."""

@@ -6,10 +6,11 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 
 
-def init_linear_weights(module):
-    """The ViT initialisation used by the original: Linear weights ~ truncated normal (std .02), zero biases.
-    Use as ``model.apply(init_linear_weights)``; other modules keep their PyTorch defaults."""
-    if isinstance(module, nn.Linear):
+def init_trunc_normal(module, layer_types=(nn.Linear,)):
+    """The original's initialisation: weights of ``layer_types`` modules ~ truncated normal (std .02), zero
+    biases; other modules keep their PyTorch defaults. ``model.apply(init_trunc_normal)`` for the ViT rule
+    (Linear layers), ``model.apply(partial(init_trunc_normal, layer_types=(nn.Conv2d,)))`` for CvT's."""
+    if isinstance(module, layer_types):
         trunc_normal_(module.weight, std=.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)

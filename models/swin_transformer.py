@@ -8,13 +8,14 @@ maps. Window size and shift are fixed at construction: a stage whose constructio
 than the window uses one window of that resolution and no shift.
 """
 from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, gen_relative_position_index, trunc_normal_
 
 from .registry import ModelError, register_model
-from .layers import WindowAttentionMaps, attention_probs, check_n_last_blocks, init_linear_weights
+from .layers import WindowAttentionMaps, attention_probs, check_n_last_blocks, init_trunc_normal
 
 SHIFT_MASK_VALUE = -100.0  # additive attention mask between tokens of different shifted-window regions
 
@@ -241,7 +242,7 @@ class SwinTransformer(nn.Module):
                 downsample=i < len(depths) - 1))
         self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(init_linear_weights)
+        self.apply(init_trunc_normal)
 
     def _run_blocks(self, images, keep_last=0, with_attention=False):
         """Runs the backbone. Returns the last-stage tokens B x N x C (before the final norm) and, for the

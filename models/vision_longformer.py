@@ -43,7 +43,7 @@ from timm.layers import DropPath, Mlp, gen_relative_position_index, trunc_normal
 
 from .registry import ModelError, register_model
 from .layers import (TokenAttentionMaps, attention_maps_of_last, attention_probs, check_n_last_blocks,
-                     init_linear_weights)
+                     init_trunc_normal)
 
 ARCH_DEFAULTS = {'l': 1, 'h': 3, 'd': 192, 'n': 1, 's': 1, 'g': 1, 'p': 2, 'f': 7, 'a': 1, 'r': 0}
 LONGFORMER_ATTN_TYPES = ('longformerhand', 'longformerauto')  # same maths (hand-written vs autograd backward)
@@ -488,7 +488,7 @@ class MsViT(nn.Module):
                                              drop_rate, longformer, share_w, only_global, mode))
             in_dim = cfg['d']
         self.norm = norm_layer(self.num_features)
-        self.apply(init_linear_weights)
+        self.apply(init_trunc_normal)
 
     @property
     def stages(self):
