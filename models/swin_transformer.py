@@ -308,21 +308,8 @@ def build_swin_transformer(config, is_teacher=False):
         raise ModelError(f"MODEL.SPEC.DEPTHS {list(spec.DEPTHS)} and NUM_HEADS {list(spec.NUM_HEADS)} must have one "
                          f"entry per stage")
     return SwinTransformer(
-        img_size=config.TRAIN.IMAGE_SIZE[0],
-        patch_size=spec.PATCH_SIZE,
-        in_chans=spec.IN_CHANS,
-        num_classes=config.MODEL.NUM_CLASSES,
-        embed_dim=spec.DIM_EMBED,
-        depths=spec.DEPTHS,
-        num_heads=spec.NUM_HEADS,
-        window_size=spec.WINDOW_SIZE,
-        mlp_ratio=spec.MLP_RATIO,
-        qkv_bias=spec.QKV_BIAS,
-        qk_scale=spec.QK_SCALE,
-        drop_rate=spec.DROP_RATE,
-        attn_drop_rate=spec.ATTN_DROP_RATE,
-        drop_path_rate=0.0 if is_teacher else spec.DROP_PATH_RATE,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        ape=spec.USE_APE,
-        patch_norm=spec.PATCH_NORM,
-    )
+        img_size=config.TRAIN.IMAGE_SIZE[0], num_classes=config.MODEL.NUM_CLASSES, in_chans=spec.IN_CHANS,
+        patch_size=spec.PATCH_SIZE, embed_dim=spec.DIM_EMBED, patch_norm=spec.PATCH_NORM, ape=spec.USE_APE,
+        depths=spec.DEPTHS, num_heads=spec.NUM_HEADS, window_size=spec.WINDOW_SIZE, mlp_ratio=spec.MLP_RATIO,
+        qkv_bias=spec.QKV_BIAS, qk_scale=spec.QK_SCALE, drop_rate=spec.DROP_RATE,
+        attn_drop_rate=spec.ATTN_DROP_RATE, drop_path_rate=0.0 if is_teacher else spec.DROP_PATH_RATE)

@@ -582,16 +582,7 @@ def build_vision_longformer(config, is_teacher=False):
     if msvit.WITH_SE is not None:
         raise ModelError(f'MSVIT.WITH_SE {msvit.WITH_SE!r} is not supported: only None')
     return MsViT(
-        arch=msvit.ARCH,
-        img_size=config.TRAIN.IMAGE_SIZE[0],
-        drop_rate=spec.DROP,
-        drop_path_rate=0.0 if is_teacher else spec.DROP_PATH,
-        norm_embed=spec.NORM_EMBED,
-        avg_pool=spec.AVG_POOL,
-        ln_eps=msvit.LN_EPS,
-        share_w=msvit.SHARE_W,
-        attn_type=msvit.ATTN_TYPE,
-        only_global=msvit.ONLY_GLOBAL,
-        mode=msvit.MODE,
-        mode_switch=msvit.VIL_MODE_SWITCH,
-    )
+        arch=msvit.ARCH, img_size=config.TRAIN.IMAGE_SIZE[0], norm_embed=spec.NORM_EMBED, avg_pool=spec.AVG_POOL,
+        ln_eps=msvit.LN_EPS, share_w=msvit.SHARE_W, attn_type=msvit.ATTN_TYPE, only_global=msvit.ONLY_GLOBAL,
+        mode=msvit.MODE, mode_switch=msvit.VIL_MODE_SWITCH,
+        drop_rate=spec.DROP, drop_path_rate=0.0 if is_teacher else spec.DROP_PATH)
