@@ -6,8 +6,8 @@ the training uses the region-level head:
 
 - ``forward_features(x) -> (pooled [B, C], region tokens [B, N, C])``
 - ``forward_return_n_last_blocks(x, n=1, return_patch_avgpool=False, depths=()) -> [B, D]``: the pooled
-  outputs of the last ``n`` blocks; ``return_patch_avgpool`` appends the mean of the normed last-stage map
-  tokens (``D + C``)
+  outputs of the last ``n`` blocks (a ResNet: its pooled map, whatever ``n``); ``return_patch_avgpool``
+  appends the mean of the normed last-stage map tokens, giving ``[B, D + C]``
 - ``num_features`` (C above)
 - optionally ``set_epoch(epoch, epochs)``, called by the trainer before each epoch (ViL's mode switch)
 - ``flat_state_dict = True`` when the original checkpoint keeps the backbone's keys at the top level
