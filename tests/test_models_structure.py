@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_config
+from models import ModelError, build_model
 from models.cvt_transformer import WindowAttention as CvtWindowAttention
 from models.layers import attention_probs
 from models.swin_transformer import WindowAttention as SwinWindowAttention
@@ -40,7 +41,6 @@ def test_relative_position_buffers_equal_the_originals(reference, arch):
     checkpoints)."""
     meta = reference(f'fidelity_{arch}.json')
     saved = reference(f'fidelity_{arch}.pt')['state_dict']
-    from models import build_model
     model = build_model(make_config(meta['cfg'], meta['opts']), is_teacher=True)
     buffers = {key: t for key, t in model.state_dict().items() if key.endswith('relative_position_index')}
     assert buffers
@@ -83,7 +83,6 @@ FAMILIES = {
 
 
 def build_family(family, is_teacher=True):
-    from models import build_model
     yaml, opts, _ = FAMILIES[family]
     torch.manual_seed(0)
     return build_model(make_config(yaml, opts), is_teacher=is_teacher)
@@ -133,7 +132,6 @@ BAD_CONFIGS = {  # (yaml, opts, a word of the message)
 
 @pytest.mark.parametrize('case', BAD_CONFIGS)
 def test_bad_configs_raise_one_line_model_errors(case):
-    from models import ModelError, build_model
     yaml, opts, word = BAD_CONFIGS[case]
     with pytest.raises(ModelError, match=word) as error, torch.device('meta'):
         build_model(make_config(yaml, opts))
@@ -155,7 +153,6 @@ META_BUILDS = {  # every family, with the options that add parameters or buffers
 @pytest.mark.parametrize('case', META_BUILDS)
 def test_every_backbone_builds_on_the_meta_device(case):
     """No storage is allocated, and the checkpoint layout is that of a real build."""
-    from models import build_model
     config = make_config(*META_BUILDS[case])
     with torch.device('meta'):
         model = build_model(config)
