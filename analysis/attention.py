@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.swin_transformer import WindowAttentionMaps
+from models.layers import WindowAttentionMaps
 
 
 @dataclass

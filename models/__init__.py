@@ -1,7 +1,8 @@
-"""Backbones, projection heads, the multi-crop wrapper and the EsViT losses."""
-from .registry import build_model, model_name_for_arch, register_model, registered_models, ModelError
+"""Backbones (one file each, registered by MODEL.NAME), the DINO projection head and the multi-crop wrapper.
+A leaf package: it imports torch, timm and torchvision, nothing of the rest of the project."""
+from .registry import ModelError, build_model, register_model, registered_models
 from .head import DINOHead
-from .multicrop import MultiCropWrapper
+from .multicrop import MultiCropOutput, MultiCropWrapper
 from .sync_batchnorm import convert_sync_batchnorm
 
 # Importing a backbone module registers its builder.

@@ -9,16 +9,17 @@ window before the q/k/v convolution (padding tokens are attended to, unmasked), 
 QuickGELU, and LayerNorm runs in fp32.
 """
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import DropPath, QuickGELU, trunc_normal_
+from timm.layers import DropPath, QuickGELU, gen_relative_position_index, trunc_normal_
 from torch import nn
 
-from .layers import attention_maps_of_last
-from .registry import register_model
-from .swin_transformer import WindowAttentionMaps
+from .layers import (WindowAttentionMaps, attention_maps_of_last, attention_probs, check_n_last_blocks,
+                     init_trunc_normal)
+from .registry import ModelError, register_model
 
 
 class LayerNorm(nn.LayerNorm):
@@ -76,14 +77,6 @@ class DepthWiseConv2d(nn.Module):
         return self.pw(self.bn(self.dw(x)))
 
 
-def relative_position_index(window_size):
-    """window² x window² index into the (2 window - 1)² relative-position table (Swin's layout)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing='ij'))
-    coords = coords.flatten(1)  # 2 x window²
-    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window_size - 1)  # w² x w² x 2
-    return relative[..., 0] * (2 * window_size - 1) + relative[..., 1]
-
-
 class WindowAttention(nn.Module):
     """Multi-head attention inside non-overlapping windows of a B x C x H x W map."""
 
@@ -96,7 +89,8 @@ class WindowAttention(nn.Module):
         self.proj_out = nn.Conv2d(dim, dim, kernel_size=1)
         self.rel_pos_embed = rel_pos_embed
         if rel_pos_embed:
-            self.register_buffer('rel_pos_idx', relative_position_index(window_size))
+            # window² x window² index into the (2 window - 1)² table, Swin's layout
+            self.register_buffer('rel_pos_idx', gen_relative_position_index((window_size, window_size)))
             self.rel_pos_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
             trunc_normal_(self.rel_pos_bias_table, std=.02)
         self._bias_index_cache = {}
@@ -142,8 +136,7 @@ class WindowAttention(nn.Module):
         """The attention probabilities of :meth:`forward` on ``x`` (B x C x H x W), with an explicit softmax:
         a :class:`WindowAttentionMaps` without shift (padded tokens are unmasked keys, as in forward)."""
         q, k, _, bias, windows = self.windowed_qkv(x)
-        scores = (q * self.scale) @ k.transpose(-2, -1)  # B*nW x heads x window² x window²
-        probs = (scores if bias is None else scores + bias).softmax(dim=-1)
+        probs = attention_probs(q, k, bias, self.scale)  # B*nW x heads x window² x window²
         window = windows['w_x']
         padded_hw = (windows['s_x'] * window, windows['s_y'] * window)
         return WindowAttentionMaps(probs, window, 0, tuple(x.shape[2:]), padded_hw)
@@ -238,17 +231,7 @@ class CvT(nn.Module):
             in_chans = stage.dim
         self.num_features = in_chans
         self.norm = LayerNorm(in_chans)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Conv2d):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(partial(init_trunc_normal, layer_types=(nn.Conv2d,)))  # norms keep their 1 / 0 defaults
 
     def block_outputs(self, x):
         """Per stage, the list of its blocks' output maps (B x C_i x H_i x W_i)."""
@@ -269,19 +252,21 @@ class CvT(nn.Module):
         return region_tokens.mean(dim=1), region_tokens
 
     def forward_return_n_last_blocks(self, x, n=1, return_patch_avgpool=False, depths=()):
-        """Average-pooled outputs of the last ``n`` blocks across stages, concatenated.
+        """The eval_linear feature B x D: average-pooled outputs of the last ``n`` blocks across stages (blocks
+        of the last stage normed first), concatenated, D = sum(C_i).
 
-        Blocks of the last stage are normed first. ``return_patch_avgpool`` is ignored (as in the
-        original); ``depths``, when given, must be the model's depths.
+        ``return_patch_avgpool`` appends the mean of the normed last-stage tokens, ``forward_features(x)[1]
+        .mean(1)`` (D + num_features; the original ignored the flag). ``depths``, when given, must be the
+        model's depths.
         """
-        if depths and list(depths) != self.depths:
-            raise ValueError(f"depths {list(depths)} do not match the model's {self.depths}")
-        if not 1 <= n <= sum(self.depths):
-            raise ValueError(f"n={n} must be between 1 and the number of blocks {sum(self.depths)}")
+        check_n_last_blocks(n, depths, self.depths)
         last_stage = self.num_stages - 1
-        blocks = [(i, output) for i, outputs in enumerate(self.block_outputs(x)) for output in outputs]
+        per_stage = self.block_outputs(x)
+        blocks = [(i, output) for i, outputs in enumerate(per_stage) for output in outputs]
         pooled = [self.region_tokens(output).mean(dim=1) if i == last_stage else output.mean(dim=(2, 3))
                   for i, output in blocks[-n:]]  # each B x C_i
+        if return_patch_avgpool:
+            pooled.append(self.region_tokens(per_stage[-1][-1]).mean(dim=1))
         return torch.cat(pooled, dim=-1)
 
     def forward(self, x):
@@ -289,14 +274,14 @@ class CvT(nn.Module):
 
     def forward_attention_maps(self, images, n_last=1):
         """Attention probabilities of the last ``n_last`` blocks (across stages, in block order), each a
-        :class:`~models.swin_transformer.WindowAttentionMaps` with ``probs`` (B*nW) x heads x T x T."""
+        :class:`~models.layers.WindowAttentionMaps` with ``probs`` (B*nW) x heads x T x T."""
         return attention_maps_of_last(self, WindowAttention, images, n_last)
 
 
 def stage_specs(spec):
     """The per-stage settings of a ``MODEL.SPEC`` node (its per-stage lists, one entry per stage)."""
     if any(spec.SHIFT):
-        raise ValueError("MODEL.SPEC.SHIFT True is not supported: the original cvt_v4 code never shifts windows "
+        raise ModelError("MODEL.SPEC.SHIFT True is not supported: the original cvt_v4 code never shifts windows "
                          "(it only adds a SW-MSA mask, and fails on maps smaller than the window)")
     per_stage = dict(dim=spec.DIM_EMBED, depth=spec.DEPTH, num_heads=spec.NUM_HEADS, patch_size=spec.PATCH_SIZE,
                      patch_stride=spec.PATCH_STRIDE, patch_padding=spec.PATCH_PADDING,
@@ -304,19 +289,15 @@ def stage_specs(spec):
                      kernel_qkv=spec.KERNEL_QKV, padding_qkv=spec.PADDING_QKV)
     wrong = [key for key, values in dict(per_stage, shift=spec.SHIFT).items() if len(values) != spec.NUM_STAGES]
     if wrong:
-        raise ValueError(f"MODEL.SPEC lists {wrong} must have NUM_STAGES={spec.NUM_STAGES} entries")
+        raise ModelError(f"MODEL.SPEC lists {wrong} must have NUM_STAGES={spec.NUM_STAGES} entries")
     return [StageSpec(**dict(zip(per_stage, values))) for values in zip(*per_stage.values())]
 
 
 @register_model('cvt_v4_transformer')
-def build_cvt(config, is_teacher=False, use_dense_prediction=False):
-    """CvT-v4 from ``config.MODEL.SPEC``; the teacher gets drop-path 0.
-
-    ``use_dense_prediction`` is accepted for the common builder signature: forward_features
-    always returns the region tokens too.
-    """
+def build_cvt(config, is_teacher=False):
+    """CvT-v4 from ``config.MODEL.SPEC``; the teacher gets drop-path 0."""
     spec = config.MODEL.SPEC
     if spec.INIT != 'trunc_norm':
-        raise ValueError(f"MODEL.SPEC.INIT {spec.INIT!r}: the original always initialises CvT with 'trunc_norm'")
+        raise ModelError(f"MODEL.SPEC.INIT {spec.INIT!r}: the original always initialises CvT with 'trunc_norm'")
     return CvT(stage_specs(spec), rel_pos_embed=spec.REL_POS_EMBED, res_stem=spec.RES_STEM,
                drop_path_rate=0.0 if is_teacher else spec.DROP_PATH_RATE)

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import init_linear_weights
+from .layers import init_trunc_normal
 
 
 class WeightNormLinear(nn.Module):
@@ -46,7 +46,7 @@ class DINOHead(nn.Module):
                 layers.append(nn.GELU())
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
-        self.apply(init_linear_weights)
+        self.apply(init_trunc_normal)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         if norm_last_layer:
             self.last_layer.weight_g.requires_grad = False

@@ -1,6 +1,21 @@
 """The multi-crop forward shared by every backbone: one backbone pass per resolution group."""
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
+
+
+class MultiCropOutput(NamedTuple):
+    """The outputs of :class:`MultiCropWrapper` with a region head. A tuple in the original's order
+    ``(cls_out, region_out, fea, npatch)``, so ``a, b, c, d = output`` unpacks as before.
+
+    Region rows are ordered crop-major, then batch, then token: ``row = (crop*B + b)*N + n`` within a
+    resolution group, the groups concatenated; R = B * sum over groups of (crops x N).
+    """
+    view_logits: torch.Tensor      # n_crops*B x K: head(pooled feature) of every crop, crop-major
+    region_logits: torch.Tensor    # R x K: head_dense(region_features)
+    region_features: torch.Tensor  # R x C: the backbone's region tokens (matched by the region loss)
+    tokens_per_group: list         # the token count N of each resolution group (the original's npatch)
 
 
 class MultiCropWrapper(nn.Module):
@@ -10,10 +25,7 @@ class MultiCropWrapper(nn.Module):
     resolution group: 2 globals, then each local size) and returns
 
     - without ``head_dense``: ``head(pooled)`` of every crop, ``[n_crops*B, K]``
-    - with ``head_dense``: ``(cls_out [n_crops*B, K], region_out [R, K], fea [R, C], npatch)`` where
-      ``fea`` are the backbone's region tokens, rows ordered crop-major, then batch, then token
-      (``row = (crop*B + b)*N + n`` within a group, groups concatenated), ``region_out = head_dense(fea)``
-      and ``npatch`` lists the token count N of each resolution group. This is the original's layout.
+    - with ``head_dense``: a :class:`MultiCropOutput`
 
     Checkpoint layout: backbones that declare ``flat_state_dict = True`` (the transformers, which the
     original grew heads on directly) expose ``patch_embed.*, head.*, head_dense.*`` at the top level of
@@ -50,7 +62,7 @@ class MultiCropWrapper(nn.Module):
         if self.head_dense is None:
             return cls_out
         fea = torch.cat(regions)
-        return cls_out, self.head_dense(fea), fea, npatch
+        return MultiCropOutput(cls_out, self.head_dense(fea), fea, npatch)
 
 
 _BACKBONE = 'backbone.'

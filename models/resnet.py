@@ -4,6 +4,7 @@ The pooled vector is the usual global average of ``layer4``; the region tokens a
 map itself (``B x C x h x w -> B x (h w) x C``). Keys are ``backbone.<torchvision keys>`` without
 ``fc``, as in the original's ``ResNetWrapper``.
 """
+import torch
 import torch.nn as nn
 from torchvision import models as tv_models
 
@@ -35,15 +36,20 @@ class ResNetBackbone(nn.Module):
         return pooled, region
 
     def forward_return_n_last_blocks(self, x, n=1, return_patch_avgpool=False, depths=()):
-        """The linear-probe feature of a ResNet is its pooled ``layer4`` (n is ignored). B x C"""
-        return self.forward_features(x)[0]
+        """The linear-probe feature B x C: the pooled ``layer4`` map, whatever ``n`` and ``depths``.
+
+        A ResNet has no patch tokens besides that map, so ``return_patch_avgpool`` appends the same pooled mean
+        again (B x 2C): with the flag, every backbone's feature grows by ``num_features``.
+        """
+        pooled = self.forward_features(x)[0]
+        return torch.cat([pooled, pooled], dim=-1) if return_patch_avgpool else pooled
 
     def forward(self, x):
         return self.forward_features(x)[0]
 
 
 def _build_resnet(arch):
-    def builder(config, is_teacher=False, use_dense_prediction=False):
+    def builder(config, is_teacher=False):  # no drop path: student and teacher are built alike
         return ResNetBackbone(arch)
     return builder
 

@@ -8,30 +8,16 @@ maps. Window size and shift are fixed at construction: a stage whose constructio
 than the window uses one window of that resolution and no shift.
 """
 from functools import partial
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, gen_relative_position_index, trunc_normal_
 
-from .registry import register_model
-from .layers import init_linear_weights
+from .registry import ModelError, register_model
+from .layers import WindowAttentionMaps, attention_probs, check_n_last_blocks, init_trunc_normal
 
 SHIFT_MASK_VALUE = -100.0  # additive attention mask between tokens of different shifted-window regions
-
-
-class WindowAttentionMaps(NamedTuple):
-    """Attention probabilities of one block and the window layout they refer to.
-
-    ``probs[b * num_windows + w, head, query, key]`` with windows in row-major order over the padded map
-    (``padded_hw``) after the cyclic shift by ``-shift_size``; tokens inside a window are row-major too.
-    """
-    probs: torch.Tensor  # (B*nW) x heads x T x T, T = window_size**2
-    window_size: int
-    shift_size: int
-    hw: tuple  # feature map size (H, W) before padding
-    padded_hw: tuple  # (Hp, Wp), multiples of window_size
 
 
 def window_partition(x, window_size):
@@ -46,14 +32,6 @@ def window_reverse(windows, window_size, Hp, Wp):
     C = windows.shape[-1]
     x = windows.view(-1, Hp // window_size, Wp // window_size, window_size, window_size, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, Hp, Wp, C)
-
-
-def relative_position_index(window_size):
-    """T x T index into the (2*ws-1)**2 relative-position table, T = ws**2 (the original's buffer)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing='ij'))
-    coords = coords.flatten(1)  # 2 x T
-    relative = (coords[:, :, None] - coords[:, None, :]) + (window_size - 1)  # 2 x T x T, >= 0
-    return relative[0] * (2 * window_size - 1) + relative[1]
 
 
 def shifted_window_mask(Hp, Wp, window_size, shift_size, device):
@@ -80,7 +58,8 @@ class WindowAttention(nn.Module):
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.attn_drop = attn_drop
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        self.register_buffer('relative_position_index', relative_position_index(window_size))
+        # T x T index into the table (T = window_size**2): (dy + ws - 1) * (2 ws - 1) + (dx + ws - 1)
+        self.register_buffer('relative_position_index', gen_relative_position_index((window_size, window_size)))
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -113,7 +92,7 @@ class WindowAttention(nn.Module):
         if return_probs or (torch.is_grad_enabled() and attn_bias.requires_grad):
             # explicit softmax: SDPA's fused CPU kernels give no gradient for the bias, and its math fallback
             # adds a guard against fully masked rows (which cannot occur here) on top of these same steps
-            probs = ((q * self.scale) @ k.transpose(-2, -1)).add_(attn_bias).softmax(dim=-1)  # B x (nW*heads) x T x T
+            probs = attention_probs(q, k, attn_bias, self.scale)  # B x (nW*heads) x T x T
             out = F.dropout(probs, drop, self.training) @ v
             probs = probs.reshape(BnW, self.num_heads, T, T) if return_probs else None
         else:
@@ -263,15 +242,7 @@ class SwinTransformer(nn.Module):
                 downsample=i < len(depths) - 1))
         self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(init_linear_weights)
-
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return {'absolute_pos_embed'}
-
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self):
-        return {'relative_position_bias_table'}
+        self.apply(init_trunc_normal)
 
     def _run_blocks(self, images, keep_last=0, with_attention=False):
         """Runs the backbone. Returns the last-stage tokens B x N x C (before the final norm) and, for the
@@ -306,17 +277,20 @@ class SwinTransformer(nn.Module):
         return self.head(self.forward_features(images)[0])
 
     def forward_return_n_last_blocks(self, images, n=1, return_patch_avgpool=False, depths=()):
-        """The eval_linear feature: token means of the last ``n`` blocks across stages (block outputs before
-        PatchMerging; the final norm applied to last-stage blocks only), concatenated -> B x sum(C_i).
+        """The eval_linear feature B x D: token means of the last ``n`` blocks across stages (block outputs
+        before PatchMerging; the final norm applied to last-stage blocks only), concatenated, D = sum(C_i).
 
-        ``return_patch_avgpool`` is ignored (Swin has no [CLS] token, the original ignores it too);
-        ``depths`` is the original's stage-depth argument and must match the model when given.
+        ``return_patch_avgpool`` appends the mean of the normed last-stage tokens, ``forward_features(x)[1]
+        .mean(1)`` (D + num_features), the analogue of the original ViT's patch-token mean (the original's Swin
+        ignored the flag). Swin has no [CLS] token, so this repeats the last block's mean. ``depths`` is the
+        original's stage-depth argument and must match the model when given.
         """
-        if depths and list(depths) != self.depths:
-            raise ValueError(f'depths {list(depths)} do not match the model depths {self.depths}')
-        _, kept = self._run_blocks(images, keep_last=n)
+        check_n_last_blocks(n, depths, self.depths)
+        tokens, kept = self._run_blocks(images, keep_last=n)
         last_stage = len(self.layers) - 1
         means = [(self.norm(x) if stage == last_stage else x).mean(dim=1) for stage, x, _ in kept]
+        if return_patch_avgpool:
+            means.append(self.norm(tokens).mean(dim=1))
         return torch.cat(means, dim=-1)
 
     def forward_attention_maps(self, images, n_last=1):
@@ -327,29 +301,15 @@ class SwinTransformer(nn.Module):
 
 
 @register_model('swin_transformer')
-def build_swin_transformer(config, is_teacher=False, use_dense_prediction=False):
-    """Swin backbone from ``config.MODEL.SPEC``; the teacher gets drop-path 0.
-
-    ``use_dense_prediction`` is accepted for the shared builder signature: ``forward_features`` always
-    returns the region tokens, and the heads live outside the backbone.
-    """
+def build_swin_transformer(config, is_teacher=False):
+    """Swin backbone from ``config.MODEL.SPEC``; the teacher gets drop-path 0."""
     spec = config.MODEL.SPEC
+    if len(spec.DEPTHS) != len(spec.NUM_HEADS):
+        raise ModelError(f"MODEL.SPEC.DEPTHS {list(spec.DEPTHS)} and NUM_HEADS {list(spec.NUM_HEADS)} must have one "
+                         f"entry per stage")
     return SwinTransformer(
-        img_size=config.TRAIN.IMAGE_SIZE[0],
-        patch_size=spec.PATCH_SIZE,
-        in_chans=spec.IN_CHANS,
-        num_classes=config.MODEL.NUM_CLASSES,
-        embed_dim=spec.DIM_EMBED,
-        depths=spec.DEPTHS,
-        num_heads=spec.NUM_HEADS,
-        window_size=spec.WINDOW_SIZE,
-        mlp_ratio=spec.MLP_RATIO,
-        qkv_bias=spec.QKV_BIAS,
-        qk_scale=spec.QK_SCALE,
-        drop_rate=spec.DROP_RATE,
-        attn_drop_rate=spec.ATTN_DROP_RATE,
-        drop_path_rate=0.0 if is_teacher else spec.DROP_PATH_RATE,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        ape=spec.USE_APE,
-        patch_norm=spec.PATCH_NORM,
-    )
+        img_size=config.TRAIN.IMAGE_SIZE[0], num_classes=config.MODEL.NUM_CLASSES, in_chans=spec.IN_CHANS,
+        patch_size=spec.PATCH_SIZE, embed_dim=spec.DIM_EMBED, patch_norm=spec.PATCH_NORM, ape=spec.USE_APE,
+        depths=spec.DEPTHS, num_heads=spec.NUM_HEADS, window_size=spec.WINDOW_SIZE, mlp_ratio=spec.MLP_RATIO,
+        qkv_bias=spec.QKV_BIAS, qk_scale=spec.QK_SCALE, drop_rate=spec.DROP_RATE,
+        attn_drop_rate=spec.ATTN_DROP_RATE, drop_path_rate=0.0 if is_teacher else spec.DROP_PATH_RATE)

@@ -39,10 +39,11 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, gen_relative_position_index, trunc_normal_
 
-from .registry import register_model
-from .layers import attention_maps_of_last, init_linear_weights
+from .registry import ModelError, register_model
+from .layers import (TokenAttentionMaps, attention_maps_of_last, attention_probs, check_n_last_blocks,
+                     init_trunc_normal)
 
 ARCH_DEFAULTS = {'l': 1, 'h': 3, 'd': 192, 'n': 1, 's': 1, 'g': 1, 'p': 2, 'f': 7, 'a': 1, 'r': 0}
 LONGFORMER_ATTN_TYPES = ('longformerhand', 'longformerauto')  # same maths (hand-written vs autograd backward)
@@ -58,22 +59,15 @@ def parse_arch(arch):
         cfg = dict(ARCH_DEFAULTS)
         for field in stage.split(','):
             if field[:1] not in ARCH_DEFAULTS or not field[1:].isdigit():
-                raise ValueError(f"MSVIT.ARCH {arch!r}: bad field {field!r} (expected one of "
+                raise ModelError(f"MSVIT.ARCH {arch!r}: bad field {field!r} (expected one of "
                                  f"{''.join(ARCH_DEFAULTS)} followed by an integer)")
             cfg[field[0]] = int(field[1:])
         if cfg['l'] != stage_id:
-            raise ValueError(f"MSVIT.ARCH {arch!r}: stage {stage_id} is labelled l{cfg['l']}")
+            raise ModelError(f"MSVIT.ARCH {arch!r}: stage {stage_id} is labelled l{cfg['l']}")
         if cfg['r']:
-            raise ValueError(f"MSVIT.ARCH {arch!r}: pooled keys (r{cfg['r']}) are not supported")
+            raise ModelError(f"MSVIT.ARCH {arch!r}: pooled keys (r{cfg['r']}) are not supported")
         stages.append(cfg)
     return stages
-
-
-def grid_relative_position_index(wx, wy):
-    """(wx*wy) x (wx*wy) index into a (2wx-1)(2wy-1) table of the offsets between tokens of a wx x wy grid."""
-    coords = torch.stack(torch.meshgrid(torch.arange(wx), torch.arange(wy), indexing='ij')).flatten(1)  # 2 x L
-    relative = coords[:, :, None] - coords[:, None, :]  # 2 x L x L
-    return (relative[0] + wx - 1) * (2 * wy - 1) + (relative[1] + wy - 1)
 
 
 def sliding_chunk_relative_position_index(window):
@@ -85,17 +79,6 @@ def sliding_chunk_relative_position_index(window):
     keys = (query[:, None, :] + W * chunk_offsets[:, :, None]).flatten(1)  # 2 x 9W2
     relative = query[:, :, None] - keys[:, None, :] + (2 * W - 1)  # 2 x W2 x 9W2, in [0, 4W-2]
     return relative[0] * (4 * W - 1) + relative[1]
-
-
-class TokenAttentionMaps(NamedTuple):
-    """Attention probabilities of one block over all its tokens.
-
-    ``probs[b, head, query, key]``, tokens ordered as the block's input: the ``num_global`` global tokens, then
-    the nx x ny map row-major; zero where a query does not attend (outside its neighbourhood chunks).
-    """
-    probs: torch.Tensor  # B x heads x N x N, N = num_global + nx*ny
-    num_global: int
-    hw: tuple  # (nx, ny)
 
 
 class ChunkLayout(NamedTuple):
@@ -153,31 +136,52 @@ def gather_tokens(tokens, index, num_heads):
     return tokens.index_select(2, index)
 
 
-class LongformerAttention(nn.Module):
+class ViLAttention(nn.Module):
+    """What ViL's two attentions share: heads, scale, G global tokens, the output dropout and, with ``rpe``, the
+    learned position biases under the original's keys: ``local_relative_position_bias_table`` (table_size x
+    heads, read through the subclass's ``relative_position_index``) and, with global tokens,
+    ``g2l_relative_position_bias`` (2 x heads x G; [0]: global queries -> local keys, [1]: local queries ->
+    global keys) and ``g2g_relative_position_bias`` (heads x G x G)."""
+
+    def __init__(self, dim, num_heads, num_global, rpe, table_size, proj_drop):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.num_global = num_global
+        self.rpe = rpe
+        if rpe:
+            self.local_relative_position_bias_table = nn.Parameter(torch.zeros(table_size, num_heads))
+            trunc_normal_(self.local_relative_position_bias_table, std=.02)
+            if num_global:
+                self.g2l_relative_position_bias = nn.Parameter(torch.zeros(2, num_heads, num_global))
+                self.g2g_relative_position_bias = nn.Parameter(torch.zeros(num_heads, num_global, num_global))
+                trunc_normal_(self.g2l_relative_position_bias, std=.02)
+                trunc_normal_(self.g2g_relative_position_bias, std=.02)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def global_query_bias(self, num_local):
+        """H x G x (G + num_local): the position bias of the global queries over the [global, local] keys."""
+        to_local = self.g2l_relative_position_bias[0][:, :, None].expand(-1, -1, num_local)
+        return torch.cat([self.g2g_relative_position_bias, to_local], dim=-1)
+
+    def local_query_global_bias(self, num_queries):
+        """H x num_queries x G: the position bias of local queries over the global keys."""
+        return self.g2l_relative_position_bias[1][:, None, :].expand(-1, num_queries, -1)
+
+
+class LongformerAttention(ViLAttention):
     """Vision Longformer attention: global tokens attend to all tokens, local tokens to the global tokens
     and to their neighbourhood of W x W chunks (the original ``Long2DSCSelfAttention``, ``SW_EXACT 0``)."""
 
     def __init__(self, dim, num_heads, window, num_global, share_weights, rpe, mode=0, only_global=False,
                  proj_drop=0.):
-        super().__init__()
         if only_global and num_global < 1:
-            raise ValueError('MSVIT.ONLY_GLOBAL needs global tokens (g >= 1) in every longformer stage')
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
+            raise ModelError('MSVIT.ONLY_GLOBAL needs global tokens (g >= 1) in every longformer stage')
+        super().__init__(dim, num_heads, num_global, rpe, (4 * window - 1) ** 2, proj_drop)
         self.window = window
-        self.num_global = num_global
         self.only_global = only_global
         self.mode = mode
-        self.rpe = rpe
         if rpe:
-            self.local_relative_position_bias_table = nn.Parameter(torch.zeros((4 * window - 1) ** 2, num_heads))
-            trunc_normal_(self.local_relative_position_bias_table, std=.02)
-            if num_global:
-                # [0]: global query -> local keys, [1]: local query -> global keys
-                self.g2l_relative_position_bias = nn.Parameter(torch.zeros(2, num_heads, num_global))
-                self.g2g_relative_position_bias = nn.Parameter(torch.zeros(num_heads, num_global, num_global))
-                trunc_normal_(self.g2l_relative_position_bias, std=.02)
-                trunc_normal_(self.g2g_relative_position_bias, std=.02)
             self.register_buffer('relative_position_index', sliding_chunk_relative_position_index(window))
         self.query = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
@@ -186,7 +190,6 @@ class LongformerAttention(nn.Module):
             self.query_global = self.query if share_weights else nn.Linear(dim, dim)
             self.kv_global = self.kv if share_weights else nn.Linear(dim, 2 * dim)
             self.proj_global = self.proj if share_weights else nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     def neighbours(self):
         """Neighbour chunks attended in this forward (:data:`ALL_NEIGHBOURS` numbering), own chunk first."""
@@ -214,10 +217,7 @@ class LongformerAttention(nn.Module):
         H = self.num_heads
         q = query.view(B, G, H, C // H).transpose(1, 2)
         k, v = kv.view(B, -1, 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = None
-        if self.rpe:
-            to_local = self.g2l_relative_position_bias[0][:, :, None].expand(-1, -1, k.shape[2] - G)
-            bias = torch.cat([self.g2g_relative_position_bias, to_local], dim=-1)[None].to(q.dtype)
+        bias = self.global_query_bias(k.shape[2] - G)[None].to(q.dtype) if self.rpe else None
         return q, k, v, bias
 
     def global_attention(self, query, kv):
@@ -287,17 +287,11 @@ class LongformerAttention(nn.Module):
         if self.rpe:
             index = self.relative_position_index.view(W2, 9, W2)[:, list(neighbours)].reshape(-1)
             local_bias = self.local_relative_position_bias_table[index].view(W2, -1, H).permute(2, 0, 1)
-            global_bias = self.g2l_relative_position_bias[1] if G else key_mask.new_zeros(H, 0)  # H x G
+            global_bias = self.local_query_global_bias(W2) if G else key_mask.new_zeros(H, W2, 0)
         else:
-            local_bias, global_bias = key_mask.new_zeros(H, W2, S - G), key_mask.new_zeros(H, G)
-        bias = torch.cat([global_bias[:, None, :].expand(H, W2, G), local_bias], dim=-1)  # H x W2 x S
+            local_bias, global_bias = key_mask.new_zeros(H, W2, S - G), key_mask.new_zeros(H, W2, G)
+        bias = torch.cat([global_bias, local_bias], dim=-1)  # H x W2 x S
         return (bias[:, None] + key_mask[None, :, None]).flatten(0, 1)
-
-
-def attention_probs(q, k, bias, scale):
-    """softmax(q k^T * scale + bias) over the last axis, as scaled_dot_product_attention computes it."""
-    scores = (q * scale) @ k.transpose(-2, -1)
-    return (scores if bias is None else scores + bias).softmax(dim=-1)
 
 
 def scatter_chunk_probs(chunk_probs, layout, num_tokens):
@@ -314,29 +308,18 @@ def scatter_chunk_probs(chunk_probs, layout, num_tokens):
     return dense.view(B, H, L + 1, num_tokens + 1)[:, :, :L, :num_tokens]
 
 
-class FullAttention(nn.Module):
+class FullAttention(ViLAttention):
     """Multi-head attention over all tokens, with an optional relative position bias built for the wx x wy
     grid of the construction resolution (the original ``Attention``)."""
 
     def __init__(self, dim, num_heads, num_global, rpe, grid, proj_drop=0.):
-        super().__init__()
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.num_global = num_global
-        self.rpe = rpe
+        wx, wy = grid
+        super().__init__(dim, num_heads, num_global, rpe, (2 * wx - 1) * (2 * wy - 1), proj_drop)
         if rpe:
-            wx, wy = grid
-            self.local_relative_position_bias_table = nn.Parameter(torch.zeros((2 * wx - 1) * (2 * wy - 1), num_heads))
-            trunc_normal_(self.local_relative_position_bias_table, std=.02)
-            if num_global:
-                self.g2l_relative_position_bias = nn.Parameter(torch.zeros(2, num_heads, num_global))
-                self.g2g_relative_position_bias = nn.Parameter(torch.zeros(num_heads, num_global, num_global))
-                trunc_normal_(self.g2l_relative_position_bias, std=.02)
-                trunc_normal_(self.g2g_relative_position_bias, std=.02)
-            self.register_buffer('relative_position_index', grid_relative_position_index(wx, wy))
+            # L x L (L = wx*wy) index into the table: (dx + wx - 1) * (2 wy - 1) + (dy + wy - 1)
+            self.register_buffer('relative_position_index', gen_relative_position_index((wx, wy)))
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     def position_bias(self, num_local):
         """H x N x N, N = G + num_local. The L x L local bias of the construction grid is resized, when
@@ -346,14 +329,10 @@ class FullAttention(nn.Module):
         local = local.view(L, L, -1).permute(2, 0, 1)  # H x L x L
         if num_local != L:
             local = F.interpolate(local.unsqueeze(0).contiguous(), scale_factor=num_local / L, mode='bicubic')[0]
-        G = self.num_global
-        if not G:
+        if not self.num_global:
             return local
-        H = local.shape[0]
-        from_global = torch.cat([self.g2g_relative_position_bias,
-                                 self.g2l_relative_position_bias[0][:, :, None].expand(H, G, num_local)], dim=-1)
-        from_local = torch.cat([self.g2l_relative_position_bias[1][:, None, :].expand(H, num_local, G), local], dim=-1)
-        return torch.cat([from_global, from_local], dim=1)
+        from_local = torch.cat([self.local_query_global_bias(num_local), local], dim=-1)
+        return torch.cat([self.global_query_bias(num_local), from_local], dim=1)
 
     def qkv_bias(self, x):
         """x: B x N x C -> q, k, v (B x H x N x hd each) and the 1 x H x N x N position bias or None."""
@@ -490,7 +469,7 @@ class MsViT(nn.Module):
                  mode_switch=0.):
         super().__init__()
         if attn_type not in SUPPORTED_ATTN_TYPES:
-            raise ValueError(f"MSVIT.ATTN_TYPE {attn_type!r} is not supported (choose from {SUPPORTED_ATTN_TYPES})")
+            raise ModelError(f"MSVIT.ATTN_TYPE {attn_type!r} is not supported (choose from {SUPPORTED_ATTN_TYPES})")
         check_attention_mode(mode)
         self.mode, self.mode_switch = mode, mode_switch
         self.layer_cfgs = parse_arch(arch)
@@ -509,12 +488,7 @@ class MsViT(nn.Module):
                                              drop_rate, longformer, share_w, only_global, mode))
             in_dim = cfg['d']
         self.norm = norm_layer(self.num_features)
-        self.apply(init_linear_weights)
-
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        """The original's set (names and name fragments)."""
-        return {'pos_embed', 'cls_token', 'norm.weight', 'norm.bias', 'norm_embed', 'head.bias', 'relative_position'}
+        self.apply(init_trunc_normal)
 
     @property
     def stages(self):
@@ -562,17 +536,18 @@ class MsViT(nn.Module):
     def forward_attention_maps(self, images, n_last=1):
         """Attention probabilities of the last ``n_last`` blocks (across stages, in block order), each dense
         :class:`TokenAttentionMaps` (``probs`` B x heads x N x N over the global then the map tokens)."""
-        return attention_maps_of_last(self, (LongformerAttention, FullAttention), images, n_last)
+        return attention_maps_of_last(self, ViLAttention, images, n_last)
 
     def forward_return_n_last_blocks(self, images, n=1, return_patch_avgpool=False, depths=()):
-        """The eval_linear feature: the pooled tokens (first global token, or token mean) after each of the
-        last ``n`` blocks across stages, the final norm applied in the last stage, concatenated.
+        """The eval_linear feature B x D: the pooled tokens (first global token, or token mean) after each of
+        the last ``n`` blocks across stages, the final norm applied in the last stage, concatenated.
 
-        ``return_patch_avgpool`` is ignored (as in the original); ``depths``, the original's stage-depth
-        argument, must match the model when given.
+        ``return_patch_avgpool`` appends the mean of the last stage's normed map tokens, its global tokens
+        excluded (D + num_features; the original ignored the flag): ``forward_features(x)[1].mean(1)`` unless
+        the last stage has several global tokens or ``avg_pool`` keeps its global token among the region tokens.
+        ``depths``, the original's stage-depth argument, must match the model when given.
         """
-        if depths and list(depths) != self.depths:
-            raise ValueError(f'depths {list(depths)} do not match the model depths {self.depths}')
+        check_n_last_blocks(n, depths, self.depths)
         first_kept = sum(self.depths) - n
         last = len(self.depths) - 1
         features = []
@@ -582,40 +557,32 @@ class MsViT(nn.Module):
                 if block >= first_kept:
                     features.append(self._pool(self.norm(tokens) if i == last else tokens, self.num_globals[i]))
                 block += 1
+        if return_patch_avgpool:  # outputs: the last stage's, B x (G + nx*ny) x C after each block
+            features.append(self.norm(outputs[-1])[:, self.num_globals[-1]:].mean(dim=1))
         return torch.cat(features, dim=-1)
 
 
 def check_attention_mode(mode):
     if mode < -1:
-        raise ValueError(f'MSVIT.MODE must be -1 (own chunk), 0 (all chunks) or > 0 (random neighbour), got {mode}')
+        raise ModelError(f'MSVIT.MODE must be -1 (own chunk), 0 (all chunks) or > 0 (random neighbour), got {mode}')
 
 
 @register_model('vision_longformer')
-def build_vision_longformer(config, is_teacher=False, use_dense_prediction=False):
+def build_vision_longformer(config, is_teacher=False):
     """MsViT from ``config.MODEL.SPEC`` (construction grid from ``TRAIN.IMAGE_SIZE``); the teacher gets
     drop-path 0.
 
-    ``use_dense_prediction`` is accepted for the shared builder signature (``forward_features`` always
-    returns the region tokens). ``MSVIT.SHARE_KV`` (Linformer only), ``POOL_METHOD`` (pooled keys only)
-    do not affect the backbone; ``VIL_MODE_SWITCH`` is applied by :meth:`MsViT.set_epoch`.
+    ``MSVIT.SHARE_KV`` (Linformer only), ``POOL_METHOD`` (pooled keys only) do not affect the backbone;
+    ``VIL_MODE_SWITCH`` is applied by :meth:`MsViT.set_epoch`.
     """
     spec = config.MODEL.SPEC
     msvit = spec.MSVIT
     if msvit.SW_EXACT != 0:
-        raise ValueError(f'MSVIT.SW_EXACT {msvit.SW_EXACT} is not supported: only 0 (zero-padded sliding chunks)')
+        raise ModelError(f'MSVIT.SW_EXACT {msvit.SW_EXACT} is not supported: only 0 (zero-padded sliding chunks)')
     if msvit.WITH_SE is not None:
-        raise ValueError(f'MSVIT.WITH_SE {msvit.WITH_SE!r} is not supported: only None')
+        raise ModelError(f'MSVIT.WITH_SE {msvit.WITH_SE!r} is not supported: only None')
     return MsViT(
-        arch=msvit.ARCH,
-        img_size=config.TRAIN.IMAGE_SIZE[0],
-        drop_rate=spec.DROP,
-        drop_path_rate=0.0 if is_teacher else spec.DROP_PATH,
-        norm_embed=spec.NORM_EMBED,
-        avg_pool=spec.AVG_POOL,
-        ln_eps=msvit.LN_EPS,
-        share_w=msvit.SHARE_W,
-        attn_type=msvit.ATTN_TYPE,
-        only_global=msvit.ONLY_GLOBAL,
-        mode=msvit.MODE,
-        mode_switch=msvit.VIL_MODE_SWITCH,
-    )
+        arch=msvit.ARCH, img_size=config.TRAIN.IMAGE_SIZE[0], norm_embed=spec.NORM_EMBED, avg_pool=spec.AVG_POOL,
+        ln_eps=msvit.LN_EPS, share_w=msvit.SHARE_W, attn_type=msvit.ATTN_TYPE, only_global=msvit.ONLY_GLOBAL,
+        mode=msvit.MODE, mode_switch=msvit.VIL_MODE_SWITCH,
+        drop_rate=spec.DROP, drop_path_rate=0.0 if is_teacher else spec.DROP_PATH)

@@ -58,7 +58,7 @@ def main():
     config = get_default_config()
     update_config(config, argparse.Namespace(cfg=str(VIL_2262_YAML), opts=[]))
     torch.manual_seed(0)
-    model = build_model(config, use_dense_prediction=True).train()
+    model = build_model(config).train()
     print(f'vil_2262 backbone parameters: {sum(p.numel() for p in model.parameters()):,}')
     images = torch.randn(args.batch, 3, args.size, args.size)
     for mode in (config.MODEL.SPEC.MSVIT.MODE, 0):

@@ -5,7 +5,7 @@ from einops import rearrange
 from timm.layers import DropPath
 
 from helpers import make_config
-from models import build_model
+from models import ModelError, build_model
 from models.cvt_transformer import WindowAttention
 
 S1 = 'experiments/imagenet/cvt_v4/s1.yaml'
@@ -31,7 +31,7 @@ def test_state_dict_matches_original_checkpoint_layout(reference):
     expected = {key.removeprefix('module.'): shape for key, shape in manifest['state_dict']
                 if not key.startswith(('module.head.', 'module.head_dense.'))}
     with torch.device('meta'):
-        model = build_model(make_config(S1), use_dense_prediction=True)
+        model = build_model(make_config(S1))
     assert {key: list(t.shape) for key, t in model.state_dict().items()} == expected
     assert sum(p.numel() for p in model.parameters()) == manifest['backbone_params'] == 29303616
     assert model.state_dict()['stage0.1.layers.0.0.fn.qkv.bn.num_batches_tracked'].dtype == torch.int64
@@ -52,7 +52,7 @@ def test_init_reproduces_the_original(reference):
     config, _ = reduced_config(reference)
     saved = reference('fidelity_cvt_tiny.pt')['state_dict']
     torch.manual_seed(0)
-    model = build_model(config, is_teacher=True, use_dense_prediction=True)
+    model = build_model(config, is_teacher=True)
     noise = torch.Generator().manual_seed(1234)
     for key, tensor in model.state_dict().items():
         if not tensor.is_floating_point():
@@ -71,17 +71,21 @@ def test_init_reproduces_the_original(reference):
 def test_fidelity_to_original_outputs(reference, size):
     config, meta = reduced_config(reference)
     data = reference('fidelity_cvt_tiny.pt')
-    model = build_model(config, is_teacher=True, use_dense_prediction=True)
+    model = build_model(config, is_teacher=True)
     model.load_state_dict(data['state_dict'], strict=True)
     model.eval()
     x = data[f'x{size}']
     with torch.no_grad():
         pooled, dense = model.forward_features(x)
-        nlast4 = model.forward_return_n_last_blocks(
-            x, n=4, return_patch_avgpool=True, depths=meta['depths_passed_to_forward_return_n_last_blocks'])
+        depths = meta['depths_passed_to_forward_return_n_last_blocks']
+        # the original ignored return_patch_avgpool: its nlast4 is the feature without the patch mean
+        nlast4 = model.forward_return_n_last_blocks(x, n=4, depths=depths)
+        with_patch_mean = model.forward_return_n_last_blocks(x, n=4, return_patch_avgpool=True, depths=depths)
         assert torch.equal(model(x), pooled)
     for name, out in (('pooled', pooled), ('dense', dense), ('nlast4', nlast4)):
         torch.testing.assert_close(out, data[f'out{size}_{name}'], rtol=1e-4, atol=1e-4, msg=name)
+    expected = torch.cat([data[f'out{size}_nlast4'], data[f'out{size}_pooled']], dim=1)
+    torch.testing.assert_close(with_patch_mean, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('rel_pos_embed', [False, True])
@@ -150,5 +154,5 @@ def test_res_stem_replaces_the_stage0_embedding():
 
 
 def test_shift_is_rejected():
-    with pytest.raises(ValueError, match='SHIFT'):
+    with pytest.raises(ModelError, match='SHIFT'):
         build_model(make_config(TINY, ['MODEL.SPEC.SHIFT', '[True, True, True, True]']))

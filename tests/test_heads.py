@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from models import DINOHead, MultiCropWrapper
+from models import DINOHead, MultiCropOutput, MultiCropWrapper
 from models.resnet import ResNetBackbone
 
 
@@ -54,7 +54,11 @@ def test_multicrop_rows_are_crop_major_then_batch_then_token():
     B = 2
     crops = [torch.randn(B, 3, 16, 16) for _ in range(2)] + [torch.randn(B, 3, 8, 8) for _ in range(3)] \
         + [torch.randn(B, 3, 12, 12)]
-    cls_out, region_out, fea, npatch = wrapper(crops)
+    output = wrapper(crops)
+    cls_out, region_out, fea, npatch = output  # unpacks as the original's 4-tuple
+    assert isinstance(output, MultiCropOutput)
+    assert output.view_logits is cls_out and output.region_logits is region_out
+    assert output.region_features is fea and output.tokens_per_group is npatch
     assert npatch == [16, 4, 9]
     assert cls_out.shape == (6 * B, 10)
     assert fea.shape == (B * (2 * 16 + 3 * 4 + 9), 6) and region_out.shape == (fea.shape[0], 10)

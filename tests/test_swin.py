@@ -18,8 +18,7 @@ HEAD_PREFIXES = ('head.', 'head_dense.')
 
 def tiny_swin(yaml=W7_YAML, is_teacher=False, extra_opts=()):
     torch.manual_seed(0)
-    return build_model(make_config(yaml, TINY_OPTS + list(extra_opts)), is_teacher=is_teacher,
-                       use_dense_prediction=True)
+    return build_model(make_config(yaml, TINY_OPTS + list(extra_opts)), is_teacher=is_teacher)
 
 
 def region_side(image_side, patch_size=4, num_stages=4):
@@ -67,7 +66,7 @@ def test_classifier_head_only_with_classes():
 def test_reproduces_original_outputs(reference):
     fidelity = reference('fidelity_swin_tiny.json')
     data = reference('fidelity_swin_tiny.pt')
-    model = build_model(make_config(fidelity['cfg'], fidelity['opts']), is_teacher=True, use_dense_prediction=True)
+    model = build_model(make_config(fidelity['cfg'], fidelity['opts']), is_teacher=True)
     model.load_state_dict(data['state_dict'], strict=True)
     model.eval()
     depths = fidelity['depths_passed_to_forward_return_n_last_blocks']
@@ -77,8 +76,13 @@ def test_reproduces_original_outputs(reference):
             pooled, dense = model.forward_features(images)
             assert_matches_reference(pooled, data[f'out{size}_pooled'])
             assert_matches_reference(dense, data[f'out{size}_dense'])
-            nlast = model.forward_return_n_last_blocks(images, n=4, return_patch_avgpool=True, depths=depths)
+            # the original ignored return_patch_avgpool: its nlast4 is the feature without the patch mean
+            nlast = model.forward_return_n_last_blocks(images, n=4, depths=depths)
             assert_matches_reference(nlast, data[f'out{size}_nlast4'])
+            with_patch_mean = model.forward_return_n_last_blocks(images, n=4, return_patch_avgpool=True,
+                                                                 depths=depths)
+            expected = torch.cat([data[f'out{size}_nlast4'], data[f'out{size}_pooled']], dim=1)
+            assert_matches_reference(with_patch_mean, expected)
 
 
 @pytest.mark.parametrize('yaml, image_side', [(W7_YAML, 224), (W7_YAML, 96), (W7_YAML, 64), (W7_YAML, 32),
@@ -159,8 +163,6 @@ def test_shift_masks_are_cached_per_resolution_outside_the_state_dict():
     assert {key[:2] for key in shifted._shift_masks} == {(21, 21), (28, 28)}
 
 
-def test_weight_decay_exclusions():
+def test_backbone_keys_sit_at_the_top_level_of_the_checkpoint():
     model = tiny_swin()
-    assert model.no_weight_decay() == {'absolute_pos_embed'}
-    assert model.no_weight_decay_keywords() == {'relative_position_bias_table'}
     assert isinstance(model, SwinTransformer) and model.flat_state_dict

@@ -9,7 +9,7 @@ import torch.nn as nn
 from timm.layers import DropPath
 
 from helpers import REFERENCE_DIR, make_config
-from models import build_model
+from models import ModelError, build_model
 from models.vision_longformer import ALL_NEIGHBOURS, LongformerAttention, MsViT, parse_arch
 
 CPU_YAML = 'experiments/cpu/vil_tiny_cpu.yaml'
@@ -24,7 +24,7 @@ DRAW_TO_OFFSET = {1: (-1, -1), 2: (-1, 0), 3: (-1, 1), 4: (0, -1), 5: (0, 1), 6:
 
 def tiny_vil(opts=(), is_teacher=True):
     torch.manual_seed(0)
-    return build_model(make_config(CPU_YAML, list(opts)), is_teacher=is_teacher, use_dense_prediction=True)
+    return build_model(make_config(CPU_YAML, list(opts)), is_teacher=is_teacher)
 
 
 def longformer_modules(model):
@@ -50,7 +50,7 @@ def test_state_dict_matches_original_checkpoint_layout(reference):
     expected = [(key[len('module.'):], shape) for key, shape in manifest['state_dict']
                 if not key.startswith(HEAD_PREFIXES)]
     with torch.device('meta'):
-        model = build_model(make_config(VIL_2262_YAML), use_dense_prediction=True)
+        model = build_model(make_config(VIL_2262_YAML))
 
     state = model.state_dict()
     assert [(key, list(t.shape)) for key, t in state.items()] == expected
@@ -114,7 +114,7 @@ def fidelity_model():
         pytest.skip(f'{REFERENCE_DIR}/fidelity_vil_2262.pt not found')
     meta = json.loads((REFERENCE_DIR / 'fidelity_vil_2262.json').read_text())
     data = torch.load(REFERENCE_DIR / 'fidelity_vil_2262.pt', map_location='cpu', weights_only=True)
-    model = build_model(make_config(meta['cfg'], meta['opts']), is_teacher=True, use_dense_prediction=True)
+    model = build_model(make_config(meta['cfg'], meta['opts']), is_teacher=True)
     model.load_state_dict(data['state_dict'], strict=True)
     return model.eval(), meta, data
 
@@ -125,10 +125,15 @@ def test_reproduces_original_outputs(fidelity_model, size):
     images = data[f'x{size}']
     with torch.no_grad():
         pooled, dense = model.forward_features(images)
-        nlast = model.forward_return_n_last_blocks(images, n=4, return_patch_avgpool=True,
-                                                   depths=meta['depths_passed_to_forward_return_n_last_blocks'])
+        depths = meta['depths_passed_to_forward_return_n_last_blocks']
+        # the original ignored return_patch_avgpool: its nlast4 is the feature without the patch mean
+        nlast = model.forward_return_n_last_blocks(images, n=4, depths=depths)
+        with_patch_mean = model.forward_return_n_last_blocks(images, n=4, return_patch_avgpool=True, depths=depths)
     for name, out in (('pooled', pooled), ('dense', dense), ('nlast4', nlast)):
         torch.testing.assert_close(out, data[f'out{size}_{name}'], rtol=1e-4, atol=1e-5)
+    # the last stage has no global token: its pooled output is the mean of its normed tokens
+    expected = torch.cat([data[f'out{size}_nlast4'], data[f'out{size}_pooled']], dim=1)
+    torch.testing.assert_close(with_patch_mean, expected, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- sliding-chunk attention
@@ -322,11 +327,11 @@ def test_arch_parsing_and_unsupported_options():
     assert parse_arch('l1,h3,d96_l2')[1] == {'l': 2, 'h': 3, 'd': 192, 'n': 1, 's': 1, 'g': 1, 'p': 2, 'f': 7,
                                               'a': 1, 'r': 0}
     for arch in ('l2,h3', 'l1,x3', 'l1,r1'):
-        with pytest.raises(ValueError):
+        with pytest.raises(ModelError):
             parse_arch(arch)
     for opts in (['MODEL.SPEC.MSVIT.SW_EXACT', '1'], ['MODEL.SPEC.MSVIT.ATTN_TYPE', 'linformer'],
                  ['MODEL.SPEC.MSVIT.WITH_SE', 'SE']):
-        with pytest.raises(ValueError):
+        with pytest.raises(ModelError):
             tiny_vil(opts)
 
 
