@@ -37,6 +37,11 @@ def eval_command(*flags, data=None, weights=None):
     return TINY_MODEL + common + list(flags) + TINY_OPTS
 
 
+def linear_command(*flags, **kwargs):
+    """eval_command for eval_linear.py: the tiny Swin has 2 blocks, so --n_last_blocks 2."""
+    return eval_command('--n_last_blocks', '2', *flags, **kwargs)
+
+
 @pytest.fixture(scope='module')
 def tiny_data(tmp_path_factory):
     """train/ (27 images) and val/ (11 images) of 4 classes, real Fashion-MNIST from the demo data."""
@@ -260,7 +265,7 @@ def test_corrupt_checkpoint_is_a_one_line_error(tiny_data, tiny_checkpoint, tmp_
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: cannot read checkpoint') and str(truncated) in lines[0]
 
-    args = parse_eval_args(eval_linear.get_args_parser(), eval_command(
+    args = parse_eval_args(eval_linear.get_args_parser(), linear_command(
         '--output_dir', str(tmp_path), data=tiny_data, weights=str(garbage)))
     with pytest.raises(SystemExit) as exit_info:
         utils.run_main(linear.eval_linear, args)
@@ -275,7 +280,7 @@ def read_log(output_dir):
 def test_eval_linear_trains_validates_resumes_and_evaluates(tiny_data, tiny_checkpoint, tmp_path):
     weights, _ = tiny_checkpoint
     out = tmp_path / 'linear'
-    result = run_script('eval_linear.py', eval_command('--output_dir', str(out), '--epochs', '2', '--lr', '1.0',
+    result = run_script('eval_linear.py', linear_command('--output_dir', str(out), '--epochs', '2', '--lr', '1.0',
                                                        data=tiny_data, weights=weights))
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'Best top-1 accuracy on val' in result.stdout
@@ -287,12 +292,12 @@ def test_eval_linear_trains_validates_resumes_and_evaluates(tiny_data, tiny_chec
     assert saved['state_dict']['linear.weight'].shape == (4, 16 + 32)  # both blocks of the tiny Swin (of 4)
 
     # the same command with more epochs goes on from epoch 2; --evaluate reproduces the last validation
-    stats = linear.eval_linear(parse_eval_args(eval_linear.get_args_parser(), eval_command(
+    stats = linear.eval_linear(parse_eval_args(eval_linear.get_args_parser(), linear_command(
         '--output_dir', str(out), '--epochs', '3', '--lr', '1.0', '--val_freq', '5', data=tiny_data, weights=weights)))
     log = read_log(out)
     assert [entry['epoch'] for entry in log] == [0, 1, 2] and 'test_acc1' in log[2]
     assert stats['best_acc'] == max(entry['test_acc1'] for entry in log)
-    evaluated = linear.eval_linear(parse_eval_args(eval_linear.get_args_parser(), eval_command(
+    evaluated = linear.eval_linear(parse_eval_args(eval_linear.get_args_parser(), linear_command(
         '--output_dir', str(out), '--evaluate', data=tiny_data, weights=weights)))
     assert evaluated['acc1'] == pytest.approx(log[2]['test_acc1'])
 
@@ -300,14 +305,14 @@ def test_eval_linear_trains_validates_resumes_and_evaluates(tiny_data, tiny_chec
 def test_cached_features_probe_matches_its_validation(tiny_data, tiny_checkpoint, tmp_path):
     weights, _ = tiny_checkpoint
     out = tmp_path / 'cached'
-    args = parse_eval_args(eval_linear.get_args_parser(), eval_command(
+    args = parse_eval_args(eval_linear.get_args_parser(), linear_command(
         '--output_dir', str(out), '--epochs', '3', '--lr', '1.0', '--cache_features', 'True',
         data=tiny_data, weights=weights))
     linear.eval_linear(args)
     log = read_log(out)
     assert len(log) == 3 and log[-1]['train_loss'] < log[0]['train_loss']
     # the classifier trained on cached features gives the same accuracy when the backbone runs on images
-    evaluated = linear.eval_linear(parse_eval_args(eval_linear.get_args_parser(), eval_command(
+    evaluated = linear.eval_linear(parse_eval_args(eval_linear.get_args_parser(), linear_command(
         '--output_dir', str(out), '--evaluate', data=tiny_data, weights=weights)))
     assert evaluated['acc1'] == pytest.approx(log[-1]['test_acc1'])
 
@@ -331,7 +336,7 @@ def test_linear_probe_separates_separable_features():
 
 
 def test_bad_n_last_blocks_is_a_user_error(tiny_data, tmp_path):
-    args = parse_eval_args(eval_linear.get_args_parser(), eval_command(
+    args = parse_eval_args(eval_linear.get_args_parser(), linear_command(
         '--output_dir', str(tmp_path), '--n_last_blocks', '0', data=tiny_data))
     with pytest.raises(utils.UserError):
         linear.eval_linear(args)
@@ -370,8 +375,20 @@ def test_pretraining_logs_online_knn(tiny_data, tmp_path):
 
 
 def test_online_knn_restores_the_training_mode(tiny_data):
-    knn = knn.OnlineKNN(tiny_data, image_size=32, k=5, batch_size=8, num_workers=0)
+    online_knn = knn.OnlineKNN(tiny_data, image_size=32, k=5, batch_size=8, num_workers=0)
     backbone = build_model(tiny_config())
     backbone.train()
-    stats = knn(backbone, epoch=0)
+    stats = online_knn(backbone, epoch=0)
     assert backbone.training and set(stats) == {'knn_top1', 'knn_top5'}
+
+
+def test_avgpool_patchtokens_appends_the_pooled_last_stage(tiny_data, tmp_path):
+    """As the original's ViT probe: n_last_blocks x dim, + dim with --avgpool_patchtokens. The tiny Swin's two
+    blocks are 16 and 32 wide, its last stage 32."""
+    for flag, expected_dim in (('False', 16 + 32), ('True', 16 + 32 + 32)):
+        out = tmp_path / flag
+        linear.eval_linear(parse_eval_args(eval_linear.get_args_parser(), linear_command(
+            '--output_dir', str(out), '--epochs', '1', '--cache_features', 'True', '--avgpool_patchtokens', flag,
+            data=tiny_data)))
+        saved = torch.load(out / linear.CHECKPOINT_NAME, weights_only=True)
+        assert saved['state_dict']['linear.weight'].shape == (4, expected_dim)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_config
+from helpers import make_config
 from models import ModelError, build_model
 from models.cvt_transformer import WindowAttention as CvtWindowAttention
 from models.layers import attention_probs
