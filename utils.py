@@ -299,6 +299,14 @@ def make_output_dir(path):
     return path
 
 
+def save_json(obj, path):
+    """``obj`` as indented JSON in ``path``, written atomically (a temporary file, then a rename)."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
 def plain_args(args):
     """``vars(args)`` reduced to plain data (no pickled classes in a checkpoint)."""
     def plain(v):

@@ -45,8 +45,7 @@ class FigureIndex:
 
     def write(self):
         entries = sorted(self.entries.values(), key=lambda e: (e['section'], e['file']))
-        with open(self.json_path, 'w') as f:
-            json.dump(entries, f, indent=1)
+        utils.save_json(entries, self.json_path)
         parts = ['<!doctype html><meta charset="utf-8"><title>EsViT analysis</title>',
                  '<style>body{font-family:sans-serif} img{max-width:100%}</style>']
         for section in sorted({e['section'] for e in entries}):
@@ -127,8 +126,7 @@ def visualize_correspondence(backbone, image, image2, args, index):
     record = dict(grid=grid, flipped=views.flipped, crop=views.crop, summary=summary, pairs=[
         dict(view1=[p // grid[1], p % grid[1]], view2=rc, similarity=similarity[p].item(), correct=s)
         for p, rc, s in zip(pairs.tolist(), matched_rc.tolist(), status)])
-    with open(os.path.join(folder, 'correspondence.json'), 'w') as f:
-        json.dump(record, f, indent=1)
+    utils.save_json(record, os.path.join(folder, 'correspondence.json'))
     print(f"Correspondence (seed {args.seed}): {summary}")
 
 
@@ -150,8 +148,7 @@ def run_measure_correspondence(backbone, args):
     out_dir = os.path.join(args.output_dir, os.path.basename(os.path.normpath(args.data_path)))
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, 'measure_correspondence.json')
-    with open(path, 'w') as f:
-        json.dump(results, f, indent=1)
+    utils.save_json(results, path)
     print(f"Correspondence over {results['images']} images (top {results['top_k']} pairs each): accuracy "
           f"{results['accuracy']:.4f}, position error {results['position_error_px']:.2f} px, similarity "
           f"{results['similarity']:.4f}; written to {path}")

@@ -5,7 +5,6 @@ Features are the backbone's pooled output, L2-normalised, of the evaluation view
 image of ``data_path/train`` (the bank) and ``data_path/val``. A test image's class scores are the sum over its
 k most cosine-similar bank images of ``exp(similarity / T)`` for their class.
 """
-import json
 import os
 
 import torch
@@ -124,8 +123,7 @@ def eval_knn(args):
                    'temperature': args.temperature, 'num_train': num_train,
                    'num_test': len(features['test_labels']),
                    'knn': {str(k): {'top1': top1, 'top5': top5} for k, (top1, top5) in accuracies.items()}}
-        with open(os.path.join(output_dir, 'knn.json'), 'w') as f:
-            json.dump(summary, f, indent=1)
+        utils.save_json(summary, os.path.join(output_dir, 'knn.json'))
     return accuracies
 
 

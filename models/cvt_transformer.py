@@ -13,7 +13,6 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from timm.layers import DropPath, QuickGELU, gen_relative_position_index, trunc_normal_
 from torch import nn
 
@@ -110,36 +109,49 @@ class WindowAttention(nn.Module):
 
     def windowed_qkv(self, x):
         """B x C x H x W -> q, k, v (each B*nW x heads x window² x head_dim; windows row-major over the map
-        zero-padded to a multiple of the window), the heads x window² x window² bias or None, and the
-        rearrange sizes of the window layout."""
+        zero-padded to a multiple of the window), the heads x window² x window² bias or None, and the window."""
         _, _, height, width = x.shape
         window = min(self.window_size, height, width)
         pad_bottom, pad_right = -height % window, -width % window
         if pad_bottom or pad_right:
             x = F.pad(x, (0, pad_right, 0, pad_bottom))
-        windows = dict(h=self.num_heads, s_x=x.shape[2] // window, s_y=x.shape[3] // window, w_x=window, w_y=window)
-        q, k, v = (rearrange(t, 'b (h d) (s_x w_x) (s_y w_y) -> (b s_x s_y) h (w_x w_y) d', **windows)
-                   for t in self.qkv(x).chunk(3, dim=1))  # each B*nW x heads x window² x head_dim
+        q, k, v = (map_to_windows(t, self.num_heads, window) for t in self.qkv(x).chunk(3, dim=1))
         bias = None
         if self.rel_pos_embed:
             bias = self.rel_pos_bias_table[self.bias_index(window)].permute(2, 0, 1).to(q.dtype)  # heads x N x N
-        return q, k, v, bias, windows
+        return q, k, v, bias, window
 
     def forward(self, x):
-        _, _, height, width = x.shape
-        q, k, v, bias, windows = self.windowed_qkv(x)
+        batch, _, height, width = x.shape
+        q, k, v, bias, window = self.windowed_qkv(x)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        out = rearrange(out, '(b s_x s_y) h (w_x w_y) d -> b (h d) (s_x w_x) (s_y w_y)', **windows)
+        out = windows_to_map(out, batch, -(-height // window) * window, -(-width // window) * window)
         return self.proj_out(out[:, :, :height, :width])  # B x C x H x W
 
     def attention_maps(self, x):
         """The attention probabilities of :meth:`forward` on ``x`` (B x C x H x W), with an explicit softmax:
         a :class:`WindowAttentionMaps` without shift (padded tokens are unmasked keys, as in forward)."""
-        q, k, _, bias, windows = self.windowed_qkv(x)
+        _, _, height, width = x.shape
+        q, k, _, bias, window = self.windowed_qkv(x)
         probs = attention_probs(q, k, bias, self.scale)  # B*nW x heads x window² x window²
-        window = windows['w_x']
-        padded_hw = (windows['s_x'] * window, windows['s_y'] * window)
-        return WindowAttentionMaps(probs, window, 0, tuple(x.shape[2:]), padded_hw)
+        padded_hw = (-(-height // window) * window, -(-width // window) * window)
+        return WindowAttentionMaps(probs, window, 0, (height, width), padded_hw)
+
+
+def map_to_windows(x, heads, window):
+    """B x (heads*d) x Hp x Wp -> (B*nWx*nWy) x heads x window² x d: windows row-major per image, tokens
+    row-major inside a window."""
+    B, C, Hp, Wp = x.shape
+    x = x.view(B, heads, C // heads, Hp // window, window, Wp // window, window)
+    return x.permute(0, 3, 5, 1, 4, 6, 2).reshape(-1, heads, window * window, C // heads)
+
+
+def windows_to_map(x, batch, Hp, Wp):
+    """The inverse of :func:`map_to_windows`: (B*nW) x heads x window² x d -> B x (heads*d) x Hp x Wp."""
+    _, heads, tokens, d = x.shape
+    window = round(tokens ** 0.5)
+    x = x.view(batch, Hp // window, Wp // window, heads, window, window, d)
+    return x.permute(0, 3, 6, 1, 4, 2, 5).reshape(batch, heads * d, Hp, Wp)
 
 
 class FeedForward(nn.Module):

@@ -240,14 +240,10 @@ def benchmark(args):
     return result
 
 
-def main():
-    args = get_args()
-    result = benchmark(args)
-    print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=1)
-
-
 if __name__ == '__main__':
-    main()
+    arguments = get_args()
+    report = json.dumps(benchmark(arguments), indent=1)
+    print(report)
+    if arguments.json:
+        with open(arguments.json, 'w') as f:
+            f.write(report + '\n')

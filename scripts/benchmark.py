@@ -218,8 +218,7 @@ def sweep(args):
     table = '\n'.join(lines)
     print(table)
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'rows': rows, 'markdown': table}, f, indent=1)
+        utils.save_json({'rows': rows, 'markdown': table}, args.json)
 
 
 def main():
@@ -232,8 +231,7 @@ def main():
     result = benchmark(args)
     print(json.dumps(result, indent=1))
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=1)
+        utils.save_json(result, args.json)
 
 
 if __name__ == '__main__':

@@ -13,3 +13,10 @@ MODEL_ARGS=(--arch "$ARCH")
 if [ -n "$CFG" ]; then
     MODEL_ARGS+=(--cfg "$CFG")
 fi
+
+# The inputs of the evaluation scripts (eval_knn.sh, eval_linear.sh).
+require_eval_inputs() {
+    : "${DATA_PATH:?set DATA_PATH to the folder with train/ and val/}"
+    : "${CKPT_PATH:?set CKPT_PATH to the pretraining checkpoint}"
+    : "${OUT_PATH:?set OUT_PATH to the output folder}"
+}

@@ -8,10 +8,8 @@
 # every GPU; GPUS=1 on a CPU). The features are saved under OUT_PATH/features; further arguments go to eval_knn.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${DATA_PATH:?set DATA_PATH to the folder with train/ and val/}"
-: "${CKPT_PATH:?set CKPT_PATH to the pretraining checkpoint}"
-: "${OUT_PATH:?set OUT_PATH to the output folder}"
 source scripts/common.sh
+require_eval_inputs
 set -x
 torchrun --standalone --nproc_per_node="${GPUS:-gpu}" eval_knn.py "${MODEL_ARGS[@]}" --data_path "$DATA_PATH" \
     --pretrained_weights "$CKPT_PATH" --checkpoint_key teacher --batch_size_per_gpu 256 \

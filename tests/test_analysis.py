@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from einops import rearrange
 from PIL import Image
 
 import run_analysis
@@ -24,6 +23,7 @@ from helpers import make_config
 from datasets import build_dataset
 from models import build_model
 from models.swin_transformer import window_partition
+from models.cvt_transformer import windows_to_map
 from models.vision_longformer import FullAttention, LongformerAttention
 
 TINY_YAMLS = {'swin_tiny': 'experiments/cpu/swin_demo.yaml', 'cvt_tiny': 'experiments/cpu/cvt_tiny_cpu.yaml',
@@ -86,8 +86,8 @@ def test_cvt_attention_maps_reproduce_the_attention_output():
     attention = model.stage0[1].layers[0][0].fn
     with torch.no_grad():
         maps = attention.attention_maps(x)
-        _, _, v, _, windows = attention.windowed_qkv(x)
-        out = rearrange(maps.probs @ v, '(b s_x s_y) h (w_x w_y) d -> b (h d) (s_x w_x) (s_y w_y)', **windows)
+        _, _, v, _, _ = attention.windowed_qkv(x)
+        out = windows_to_map(maps.probs @ v, 2, 28, 28)
         torch.testing.assert_close(attention.proj_out(out[:, :, :24, :24]), attention(x), rtol=1e-5, atol=1e-5)
     assert (maps.window_size, maps.shift_size, maps.hw, maps.padded_hw) == (7, 0, (24, 24), (28, 28))
     dense = window_attention_to_dense(maps, 1)

@@ -1,7 +1,6 @@
 """CvT-v4 backbone: checkpoint layout, numerical fidelity to the original, shapes, gradients."""
 import pytest
 import torch
-from einops import rearrange
 from timm.layers import DropPath
 
 from helpers import make_config
@@ -131,10 +130,10 @@ def test_relative_position_bias_attention_matches_the_original_formula():
     dim, heads = 12, 3
     attention = WindowAttention(dim, heads, True, 3, 1, 7, rel_pos_embed=True).eval()
     x = torch.randn(2, dim, 7, 7)
-    q, k, v = (rearrange(t, 'b (h d) x y -> b h (x y) d', h=heads) for t in attention.qkv(x).chunk(3, dim=1))
+    q, k, v = (t.reshape(2, heads, dim // heads, 49).transpose(2, 3) for t in attention.qkv(x).chunk(3, dim=1))
     bias = attention.rel_pos_bias_table[attention.rel_pos_idx.view(-1)].view(49, 49, heads).permute(2, 0, 1)
     weights = (torch.einsum('bhid,bhjd->bhij', q, k) * dim ** -0.5 + bias).softmax(-1)
-    expected = attention.proj_out(rearrange(weights @ v, 'b h (x y) d -> b (h d) x y', x=7))
+    expected = attention.proj_out((weights @ v).transpose(2, 3).reshape(2, dim, 7, 7))
     torch.testing.assert_close(attention(x), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -1,5 +1,4 @@
 """End-to-end pretraining on CPU: training lowers the loss, checkpoints, logs, resume, torchrun."""
-import json
 import os
 import subprocess
 import sys
