@@ -22,7 +22,7 @@ from yacs.config import CfgNode as CN
 
 import utils
 from models import ModelError, build_model, registered_models
-from .archs import ARCHS, sized_arch_of
+from .archs import ARCHS, Arch, sized_arch_of
 from .default import _C
 from .specs import SPEC_SCHEMAS, spec_schema
 
@@ -204,7 +204,9 @@ def load_config(args):
     if arch_name and arch is None:
         if arch_name not in registered_models() or arch_name in {a.family for a in ARCHS.values()}:
             raise _arch_error(arch_name)
-        opts = ['MODEL.NAME', arch_name] + opts  # a torchvision ResNet: no yaml, no spec
+        arch = Arch(arch_name)  # a torchvision ResNet: MODEL.NAME is its name; no spec, no yaml needed
+        if cfg_file is None:
+            opts = ['MODEL.NAME', arch_name] + opts
     elif arch is not None and cfg_file is None:
         if arch.cfg is None:
             raise ConfigError(f"--arch {arch_name} names a family, not a size: add --cfg with its yaml, or use "
