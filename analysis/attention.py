@@ -3,13 +3,14 @@
     blocks = block_attentions(backbone, image, n_last=2)  # [BlockAttention], image 1 x 3 x S x S
     maps = query_maps(block, row, col)    # heads x h x w: where the token (row, col) looks
     maps = received_maps(block)           # heads x h x w: attention received, averaged over all queries
-    maps = global_token_maps(block)       # heads x h x w: where the first global token looks (ViL)
+    maps = global_token_maps(block)       # heads x h x w: where the first global token looks (ViL; a ViT's [CLS])
     order = entropy_order(maps)           # head indices, most focused first
     masks = mass_masks(maps, threshold)   # heads x h x w bool: the fewest tokens holding `threshold` of the mass
 
 Swin and CvT attend inside windows (Swin's shifted by half a window every other block), ViL inside
-neighbourhoods of chunks plus global tokens: every block's probabilities are made dense over the block's
-(global tokens, grid tokens) first, so that a query's map is zero outside the tokens it can attend to.
+neighbourhoods of chunks plus global tokens, a ViT everywhere, with its [CLS] token as the one global token:
+every block's probabilities are made dense over the block's (global tokens, grid tokens) first, so that a
+query's map is zero outside the tokens it can attend to.
 """
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ class BlockAttention:
     grid: tuple         # (h, w) of the grid tokens
     covers_map: bool    # every grid query attends to every grid token (one window covers the map)
     layout: str         # how the block attends, in words
+    class_token: bool = False  # the global token is a ViT's [CLS] token (its map: DINO's attention picture)
 
     @property
     def name(self):
@@ -40,6 +42,10 @@ class BlockAttention:
     @property
     def num_heads(self):
         return self.probs.shape[0]
+
+    @property
+    def global_name(self):
+        return "[CLS] token" if self.class_token else "global token"
 
 
 def window_attention_to_dense(maps, image_index=0):
@@ -69,8 +75,10 @@ def stage_blocks(depths, n_last):
 @torch.no_grad()
 def block_attentions(backbone, image, n_last=1):
     """The attention of the last ``n_last`` blocks of ``backbone`` on ``image`` (1 x 3 x S x S), in block order.
-    A ViL block covers the map when no grid probability is exactly 0 (its keys are masked with -inf)."""
+    A ViL block covers the map when no grid probability is exactly 0 (its keys are masked with -inf); a ViT's
+    global token is its [CLS] token (``backbone.has_class_token``)."""
     n_last = min(n_last, sum(backbone.depths))
+    class_token = getattr(backbone, 'has_class_token', False)
     results = []
     for (stage, block), maps in zip(stage_blocks(backbone.depths, n_last),
                                     backbone.forward_attention_maps(image, n_last=n_last)):
@@ -80,14 +88,16 @@ def block_attentions(backbone, image, n_last=1):
             results.append(BlockAttention(
                 stage, block, window_attention_to_dense(maps).float().cpu(), 0, tuple(maps.hw), windows == 1,
                 f"{maps.window_size}x{maps.window_size} windows{shift}"))
-        else:  # ViL's dense TokenAttentionMaps
+        else:  # dense TokenAttentionMaps (ViL, ViT)
             probs = maps.probs[0].float().cpu()
             grid_probs = probs[:, maps.num_global:, maps.num_global:]
             covers = bool((grid_probs > 0).all())
-            layout = "full attention" if covers else "local chunks"
+            result = BlockAttention(stage, block, probs, maps.num_global, tuple(maps.hw), covers,
+                                    "full attention" if covers else "local chunks", class_token)
             if maps.num_global:
-                layout += f" + {maps.num_global} global token{'s' if maps.num_global > 1 else ''}"
-            results.append(BlockAttention(stage, block, probs, maps.num_global, tuple(maps.hw), covers, layout))
+                count = '' if class_token else f"{maps.num_global} "
+                result.layout += f" + {count}{result.global_name}{'s' if maps.num_global > 1 else ''}"
+            results.append(result)
     return results
 
 
@@ -111,7 +121,8 @@ def received_maps(block):
 
 
 def global_token_maps(block):
-    """heads x h x w: the attention of the first global token over the grid (ViL's [CLS]-like token)."""
+    """heads x h x w: the attention of the first global token over the grid (ViL's [CLS]-like token, a ViT's
+    [CLS] token: DINO's attention maps)."""
     return block.probs[:, 0, block.num_global:].reshape(-1, *block.grid)
 
 
@@ -141,7 +152,8 @@ def mass_masks(maps, threshold):
 def attention_views(block, query_points, image_size):
     """What to draw for a block: (slug, description, maps heads x h x w, query marker (y, x) px or None) for
     each distinct query token under ``query_points`` ((y, x) fractions), then, when every query sees the whole
-    map, the attention received, and with global tokens, the first global token's attention."""
+    map, the attention received, and with global tokens, the first global token's attention (``cls_token``
+    for a ViT's [CLS] token)."""
     h, w = block.grid
     views, seen = [], set()
     for point in query_points:
@@ -155,5 +167,6 @@ def attention_views(block, query_points, image_size):
     if block.covers_map:
         views.append(("whole_map", "attention received, mean over all queries", received_maps(block), None))
     if block.num_global:
-        views.append(("global_token", "attention of the global token", global_token_maps(block), None))
+        slug = "cls_token" if block.class_token else "global_token"
+        views.append((slug, f"attention of the {block.global_name}", global_token_maps(block), None))
     return views

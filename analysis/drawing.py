@@ -197,9 +197,10 @@ def block_figure(image, block, view, threshold=None):
 @torch.no_grad()
 def attention_figure(backbone, image):
     """H x W x 3 uint8 picture of the last block's attention on ``image`` (3 x S x S or 1 x 3 x S x S,
-    normalised as the training inputs): the global token's attention (ViL), else the attention received over
-    the whole map when one window covers it, else the centre token's; the feature-norm map of backbones without
-    attention. The backbone is evaluated in eval mode and its mode restored. For TensorBoard::
+    normalised as the training inputs): the global token's attention (ViL; a ViT's [CLS] token), else the
+    attention received over the whole map when one window covers it, else the centre token's; the feature-norm
+    map of backbones without attention. The backbone is evaluated in eval mode and its mode restored.
+    For TensorBoard::
 
         writer.add_image('attention', attention_figure(teacher_backbone, image), epoch, dataformats='HWC')
     """

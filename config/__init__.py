@@ -22,7 +22,7 @@ from yacs.config import CfgNode as CN
 
 import utils
 from models import ModelError, build_model, registered_models
-from .archs import ARCHS, Arch, sized_arch_of
+from .archs import ARCHS, VIT_FAMILY, Arch, sized_arch_of
 from .default import _C
 from .specs import SPEC_SCHEMAS, spec_schema
 
@@ -196,9 +196,12 @@ def load_config(args):
     A sized ``--arch`` without ``--cfg`` builds the original's yaml for that size (printed); a family name
     (``swin``) needs ``--cfg``. The merged ``MODEL.NAME`` must be the family of ``--arch``, and its
     ``MODEL.SPEC`` may not be another named size of it (``--arch swin_small`` with a Swin-T yaml); a size of
-    its own (the CPU demo's small Swin, smaller test models) is accepted."""
+    its own (the CPU demo's small Swin, smaller test models) is accepted. A ViT (``deit_small``) has no yaml, as
+    in the original: its size, ``args.patch_size`` (default 16) and ``MODEL.NUM_CLASSES 0`` build it, and trailing
+    opts may change them (``MODEL.SPEC.EMBED_DIM 48``)."""
     arch_name = getattr(args, 'arch', None)
     arch = ARCHS.get(arch_name) if arch_name else None
+    is_vit = arch is not None and arch.family == VIT_FAMILY
     opts = list(getattr(args, 'opts', None) or [])
     cfg_file = getattr(args, 'cfg', None)
     if arch_name and arch is None:
@@ -208,15 +211,24 @@ def load_config(args):
         if cfg_file is None:
             opts = ['MODEL.NAME', arch_name] + opts
     elif arch is not None and cfg_file is None:
-        if arch.cfg is None:
+        if arch.size is None:
             raise ConfigError(f"--arch {arch_name} names a family, not a size: add --cfg with its yaml, or use "
                               + ', '.join(n for n, a in ARCHS.items() if a.family == arch.family and a.size))
-        cfg_file = str(REPO_ROOT / arch.cfg)
-        print(f"--arch {arch_name}: building {arch.cfg}")
+        if arch.cfg is None:  # a ViT: no yaml, as the original
+            opts = ['MODEL.NAME', arch.family, 'MODEL.NUM_CLASSES', '0'] + _spec_opts(arch.size) + opts
+        else:
+            cfg_file = str(REPO_ROOT / arch.cfg)
+            print(f"--arch {arch_name}: building {arch.cfg}")
     elif arch_name is None and cfg_file is None:
         raise ConfigError("no architecture given: pass --arch (e.g. swin_tiny) or --cfg with a yaml")
+    if is_vit:  # --patch_size, unless a trailing opt sets it
+        opts = _spec_opts({'PATCH_SIZE': getattr(args, 'patch_size', 16)}) + opts
     sources = _read_yaml_chain(cfg_file) if cfg_file else []
     merged = update_config(get_default_config(), SimpleNamespace(cfg=cfg_file, opts=opts), sources)
+    if is_vit:
+        spec = merged.MODEL.SPEC
+        print(f"--arch {arch_name}: a ViT of EMBED_DIM {spec.EMBED_DIM}, DEPTH {spec.DEPTH}, NUM_HEADS "
+              f"{spec.NUM_HEADS}, PATCH_SIZE {spec.PATCH_SIZE}")
     if arch is not None:
         check_arch(merged, arch_name, arch, cfg_file)
     try:
@@ -230,6 +242,11 @@ def load_config(args):
     return merged
 
 
+def _spec_opts(values):
+    """Trailing-opt pairs ``MODEL.SPEC.KEY value`` of ``values``."""
+    return [item for key, value in values.items() for item in (f'MODEL.SPEC.{key}', str(value))]
+
+
 def check_arch(merged, arch_name, arch, cfg_file):
     source = os.path.basename(cfg_file) if cfg_file else 'the command line'
     if merged.MODEL.NAME != arch.family:
@@ -240,4 +257,4 @@ def check_arch(merged, arch_name, arch, cfg_file):
         if built is not None and built != arch_name:
             raise ConfigError(f"--arch {arch_name} but {source} builds a {built} "
                               f"({', '.join(f'{k} {v}' for k, v in ARCHS[built].size.items())}): "
-                              f"pass the yaml of {arch_name} or --arch {built}")
+                              + (f"pass the yaml of {arch_name} or " if arch.cfg else "pass ") + f"--arch {built}")

@@ -1,5 +1,6 @@
 """What an ``--arch`` name builds: its backbone family (the yaml's ``MODEL.NAME``) and, for a name that gives a
-size (``swin_small``), the ``MODEL.SPEC`` values of that size and the original's yaml for it.
+size (``swin_small``), the ``MODEL.SPEC`` values of that size and the original's yaml for it. The ViTs
+(``deit_small``) have no yaml in the original: their size and ``--patch_size`` alone build them.
 
     arch = ARCHS['swin_small']  # Arch(family='swin_transformer', cfg='experiments/.../swin_small_...w7.yaml',
                                 #      size={'DIM_EMBED': 96, 'DEPTHS': [2, 2, 18, 2], 'NUM_HEADS': [3, 6, 12, 24]})
@@ -12,13 +13,21 @@ from typing import NamedTuple
 
 class Arch(NamedTuple):
     family: str           # MODEL.NAME of the yamls of this family
-    cfg: str = None       # the yaml (relative to the repository) built when --cfg is not given
+    cfg: str = None       # the yaml (relative to the repository) built when --cfg is not given; None with a
+                          # size: no yaml, the size's values (and --patch_size) build it
     size: dict = None     # MODEL.SPEC values that make this size; None: a family name, any size
 
 
 def _swin(embed_dim, depths, num_heads, name):
     return Arch('swin_transformer', f'experiments/imagenet/swin/swin_{name}_patch4_window7_224.yaml',
                 {'DIM_EMBED': embed_dim, 'DEPTHS': depths, 'NUM_HEADS': num_heads})
+
+
+VIT_FAMILY = 'vision_transformer'  # its sizes take --patch_size (MODEL.SPEC.PATCH_SIZE)
+
+
+def _vit(embed_dim, depth, num_heads):
+    return Arch(VIT_FAMILY, None, {'EMBED_DIM': embed_dim, 'DEPTH': depth, 'NUM_HEADS': num_heads})
 
 
 def _vil(name):
@@ -41,6 +50,9 @@ ARCHS = {
     'vil_2262': _vil('vil_2262'),
     'vil_1281': _vil('vil_1281'),
     'vil_14121': _vil('vil_14121'),
+    'deit_tiny': _vit(192, 12, 3),
+    'deit_small': _vit(384, 12, 6),
+    'vit_base': _vit(768, 12, 12),
 }
 
 

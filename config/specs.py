@@ -60,11 +60,24 @@ VIL.MSVIT.WITH_SE = None
 VIL.MSVIT.SE_MLP_RATIO = 0.0625
 VIL.MSVIT.SE_MLP_BALANCE = False
 
+VIT = CN()  # deit_small's values; --arch and --patch_size set the size (config/archs.py)
+VIT.PATCH_SIZE = 16
+VIT.IN_CHANS = 3
+VIT.EMBED_DIM = 384
+VIT.DEPTH = 12
+VIT.NUM_HEADS = 6
+VIT.MLP_RATIO = 4.0
+VIT.QKV_BIAS = True
+VIT.DROP_RATE = 0.0
+VIT.ATTN_DROP_RATE = 0.0
+VIT.DROP_PATH_RATE = 0.1  # the student's; the teacher has none
+
 # torchvision ResNets take no spec: MODEL.NAME is the torchvision name (e.g. resnet50).
 SPEC_SCHEMAS = {
     'swin_transformer': SWIN,
     'cvt_v4_transformer': CVT,
     'vision_longformer': VIL,
+    'vision_transformer': VIT,
 }
 
 

@@ -20,10 +20,14 @@ def get_args_parser():
     p.add_argument('--cfg', default=None, type=str, help='experiment yaml (MODEL.NAME, MODEL.SPEC, TRAIN.IMAGE_SIZE)')
 
     # model
-    p.add_argument('--arch', default=None, type=str, help="""swin_tiny/small/base/large, cvt_tiny, vil_2262/1281/14121
-        or a torchvision ResNet name. Without --cfg a sized name builds the original's yaml of that size; with
-        --cfg it must agree with the yaml's family and size (swin, cvt_small, vil: a family, any size)""")
-    p.add_argument('--patch_size', default=16, type=int, help='kept for command-line compatibility (ViT only)')
+    p.add_argument('--arch', default=None, type=str, help="""swin_tiny/small/base/large, cvt_tiny, vil_2262/1281/14121,
+        deit_tiny/small or vit_base (ViTs: no yaml, see --patch_size) or a torchvision ResNet name. Without --cfg a
+        sized name builds the original's yaml of that size; with --cfg it must agree with the yaml's family and
+        size (swin, cvt_small, vil: a family, any size)""")
+    p.add_argument('--patch_size', default=16, type=int, help="""Size in pixels of the square patches of the ViTs
+        (deit_tiny, deit_small, vit_base; sets MODEL.SPEC.PATCH_SIZE; ignored by other archs), default 16. 8 gives
+        better features at 4x the tokens (more memory and time); with it, consider --use_fp16 False if the loss
+        is unstable.""")
     p.add_argument('--out_dim', default=65536, type=int, help='output dimension of the DINO heads')
     p.add_argument('--norm_last_layer', default=True, type=utils.bool_flag,
                    help='weight-normalise the last layer of the heads with a frozen gain')

@@ -27,7 +27,9 @@ def backbone_args_parser():
     p.add_argument('--cfg', default=None, type=str, help='the pretraining yaml (MODEL.NAME, MODEL.SPEC)')
     p.add_argument('--arch', default=None, type=str,
                    help="as in main_esvit.py: a sized name (swin_tiny) builds the original's yaml without --cfg")
-    p.add_argument('--patch_size', default=16, type=int, help='kept for command-line compatibility (ViT only)')
+    p.add_argument('--patch_size', default=16, type=int,
+                   help="patch size of a ViT --arch (deit_tiny, deit_small, vit_base): 16 (default) or 8, as the "
+                        "checkpoint was trained")
     p.add_argument('--pretrained_weights', default='', type=str,
                    help='checkpoint to evaluate (none: a randomly initialised backbone)')
     p.add_argument('--checkpoint_key', default='teacher', type=str, help='teacher or student')

@@ -10,6 +10,7 @@ from . import swin_transformer  # noqa: F401
 from . import resnet  # noqa: F401
 from . import cvt_transformer  # noqa: F401
 from . import vision_longformer  # noqa: F401
+from . import vision_transformer  # noqa: F401
 
 __all__ = ['ModelError', 'build_model', 'register_model', 'registered_models', 'DINOHead', 'MultiCropOutput',
            'MultiCropWrapper', 'convert_sync_batchnorm']
