@@ -28,12 +28,15 @@ def point(text):
 
 def get_args_parser():
     p = argparse.ArgumentParser('EsViT analysis: attention maps and correspondences', add_help=False)
-    p.add_argument('--cfg', default=None, type=str, help='experiment yaml of the model')
-    p.add_argument('--arch', default=None, type=str, help='swin_tiny, cvt_tiny, vil_2262, deit_small, resnet50, ...')
+    p.add_argument('--cfg', default=None, type=str,
+                   help="experiment yaml of the model (default: the one --pretrained_weights was trained with)")
+    p.add_argument('--arch', default=None, type=str,
+                   help="swin_tiny, cvt_tiny, vil_2262, deit_small, resnet50, ... (default: the checkpoint's)")
     p.add_argument('--patch_size', default=8, type=int,
                    help="patch size of a ViT --arch (deit_tiny, deit_small, vit_base): 16 or 8 (default, as the "
                         "original's), as the checkpoint was trained: --patch_size 16 for a deit_small/16 run")
-    p.add_argument('--pretrained_weights', default='', type=str, help='checkpoint (default: random init)')
+    p.add_argument('--pretrained_weights', default='', type=str,
+                   help="checkpoint of any layout eval_knn.py reads (default: random init)")
     p.add_argument('--checkpoint_key', default='teacher', type=str, help='entry of the checkpoint to load')
     p.add_argument('--learning', default='ssl', choices=['ssl', 'supervised'],
                    help="ssl: load --checkpoint_key; supervised: the checkpoint's 'model' entry")

@@ -5,11 +5,13 @@ import datetime
 import json
 import os
 import random
+import re
 import sys
 import time
 from collections import defaultdict, deque
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.distributed as dist
 
@@ -320,16 +322,20 @@ def plain_args(args):
     return {k: plain(v) for k, v in vars(args).items()}
 
 
-def save_checkpoint(state, path):
+def save_checkpoint(state, path, metadata=None):
     """Write ``state`` atomically: a temporary file in the same directory, fsync, then rename. A crash at
-    any moment leaves either the previous file or the new one. Only the main process writes."""
+    any moment leaves either the previous file or the new one. Only the main process writes. A ``.safetensors``
+    path gets ``state`` (tensors by name, none sharing memory) in that format, with the str -> str ``metadata``."""
     if not is_main_process():
         return
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp{os.getpid()}')
     try:
         with open(tmp, 'wb') as f:
-            torch.save(state, f)
+            if path.endswith('.safetensors'):
+                f.write(safetensors.torch.save(state, metadata))
+            else:
+                torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -346,18 +352,62 @@ def save_checkpoint(state, path):
         os.close(dir_fd)
 
 
-def load_checkpoint(path):
-    """``torch.load(path, weights_only=True)``, also accepting the original's pickled ``argparse.Namespace``
-    (and nothing else). A missing, truncated or unsafe file is a :class:`UserError`."""
+def _numpy_scalar_globals():
+    """What numpy float64 and int64 scalars pickle into: numpy's scalar constructor (under its numpy 1.x and 2.x
+    module names: the original's files were written with numpy 1.x), ``np.dtype`` and the classes of the
+    float64 and int64 dtypes (unpickling a dtype sets its state)."""
+    scalar = np.float64(0).__reduce__()[0]
+    return [(scalar, 'numpy.core.multiarray.scalar'), (scalar, 'numpy._core.multiarray.scalar'), np.dtype,
+            type(np.dtype(np.float64)), type(np.dtype(np.int64))]
+
+
+# Everything a checkpoint may pickle besides tensors and plain data: the original's ``args`` and the numpy float64
+# lr / weight decay it assigns to its optimizer's param groups. Nothing else is ever unpickled.
+CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace] + _numpy_scalar_globals()
+
+
+def _plain_numbers(obj):
+    """``obj`` with every numpy scalar replaced by the Python number it holds (in place for dicts, lists and
+    Namespaces): an optimizer resumed from the original's file gets float lr and weight decay."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    items = vars(obj) if isinstance(obj, argparse.Namespace) else obj if isinstance(obj, (dict, list)) else None
+    if items is not None:
+        for key, value in (items.items() if isinstance(items, dict) else enumerate(items)):
+            items[key] = _plain_numbers(value)
+    elif isinstance(obj, tuple):
+        return tuple(_plain_numbers(v) for v in obj)
+    return obj
+
+
+def is_safetensors_file(path):
+    """A safetensors file starts with the 8-byte length of its JSON header, then the header's '{'."""
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < os.path.getsize(path)
+
+
+def load_checkpoint(path, mmap=False):
+    """The content of a checkpoint file: ``torch.load(path, weights_only=True)``, which also accepts exactly
+    :data:`CHECKPOINT_SAFE_GLOBALS` (numpy scalars come back as Python numbers), or the tensors of a
+    ``.safetensors`` file. ``mmap``: tensors stay in the file until read (cheap for a look at ``args``; zip-format
+    files only, older ones are read whole). A missing, truncated or unsafe file is a :class:`UserError`."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
+        if is_safetensors_file(path):
+            return safetensors.torch.load_file(path)
+        with open(path, 'rb') as f:
+            mmap = mmap and f.read(4) == b'PK\x03\x04'  # zip format: torch >= 1.6
+        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+            return _plain_numbers(torch.load(path, map_location='cpu', weights_only=True, mmap=mmap))
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if 'Unsupported global' in str(e) or 'weights_only' in str(e):
-            reason = "it contains pickled objects other than tensors and plain data, refused for safety"
+        message = str(e).strip()
+        reason = message.splitlines()[0] if message else type(e).__name__
+        if 'Unsupported global' in message or 'weights_only' in message:
+            culprit = re.search(r'GLOBAL ([\w.]+)', message)
+            reason = (f"it contains pickled objects other than tensors and plain data"
+                      f"{f' ({culprit.group(1)})' if culprit else ''}, refused for safety")
         raise UserError(f"cannot read checkpoint {path}: {reason}") from None
 
 

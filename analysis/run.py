@@ -13,10 +13,9 @@ import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader
 
 import utils
-from config import load_config
 from datasets import build_dataset, normalize
 from datasets.folder import DECODE_ERRORS, load_rgb
-from evaluation import build_frozen_backbone
+from evaluation import build_frozen_backbone, model_config
 from .attention import attention_views, block_attentions
 from .correspondence import (FlipPair, feature_norm_map, match_tokens, measure_correspondence, network_input,
                              pair_status, random_view_pair, region_features, token_centres, top_pairs)
@@ -173,7 +172,7 @@ def analyze(args):
         image2 = load_image(args.image_path2, '--image_path2') if args.image_path2 else None
     args.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     utils.fix_random_seeds(args.seed)
-    config = load_config(args)
+    config = model_config(args)
     checkpoint_key = args.checkpoint_key if args.learning == 'ssl' else 'model'
     backbone = build_frozen_backbone(config, args.pretrained_weights, checkpoint_key).to(args.device)
 

@@ -222,7 +222,7 @@ def load_config(args):
     elif arch_name is None and cfg_file is None:
         raise ConfigError("no architecture given: pass --arch (e.g. swin_tiny) or --cfg with a yaml")
     if is_vit:  # --patch_size, unless a trailing opt sets it
-        opts = _spec_opts({'PATCH_SIZE': getattr(args, 'patch_size', 16)}) + opts
+        opts = _spec_opts({'PATCH_SIZE': getattr(args, 'patch_size', None) or 16}) + opts
     sources = _read_yaml_chain(cfg_file) if cfg_file else []
     merged = update_config(get_default_config(), SimpleNamespace(cfg=cfg_file, opts=opts), sources)
     if is_vit:

@@ -11,7 +11,7 @@ import utils
 from analysis import attention_figure, network_input
 from config import load_config, save_config
 from datasets import build_dataset, build_loader, build_transform, demo_data_path, normalize, set_epoch, worker_nice
-from evaluation import OnlineKNN
+from evaluation import OnlineKNN, load_backbone_weights
 from .build import build_trainer
 from .optim import images_per_step
 from .trainer import NonFiniteLoss, Stopped
@@ -46,9 +46,14 @@ def build_data(args, config):
     return dataset, data_loader
 
 
-def resume(trainer, args):
+def resume(trainer, args, config):
     """(epoch, images of that epoch done): from output_dir/checkpoint.pth when there is one (the same command
-    resumes), else from --pretrained_weights_ckpt as a continuation, else (0, 0)."""
+    resumes; this project's or the original's), else (0, 0) after initialising from --pretrained_weights_ckpt (a
+    continuation: networks and centers) or else from MODEL.PRETRAINED (the backbones only; heads fresh)."""
+    pretrained = config.MODEL.PRETRAINED if config.MODEL.INIT_WEIGHTS else ''
+    if pretrained and list(config.MODEL.PRETRAINED_LAYERS) != ['*']:
+        raise utils.UserError(f"MODEL.PRETRAINED_LAYERS {list(config.MODEL.PRETRAINED_LAYERS)}: only ['*'] (the "
+                              f"whole backbone) is supported")
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth')
     if os.path.isfile(checkpoint_path):
         start_epoch, start_images = trainer.load_state(checkpoint_path)
@@ -56,7 +61,12 @@ def resume(trainer, args):
         return start_epoch, start_images
     if args.pretrained_weights_ckpt:
         trainer.load_state(args.pretrained_weights_ckpt, continuation=True)
-        print(f"Initialised from {args.pretrained_weights_ckpt}")
+        print(f"Initialised from {args.pretrained_weights_ckpt}"
+              + (f" (MODEL.PRETRAINED {pretrained} is not used)" if pretrained else ''))
+    elif pretrained:
+        loaded = load_backbone_weights(trainer.student.backbone, pretrained)
+        trainer.teacher.backbone.load_state_dict(trainer.student.backbone.state_dict())
+        print(f"Initialised the student and teacher backbones from MODEL.PRETRAINED {loaded}; heads fresh")
     return 0, 0
 
 
@@ -121,7 +131,7 @@ def train_esvit(args):
     trainer = build_trainer(args, config, steps_per_epoch=len(data_loader) // args.accum_iter)
     print(f"Student and teacher are built: {args.arch} ({config.MODEL.NAME}), "
           f"{sum(p.numel() for p in trainer.student.parameters()) / 1e6:.1f}M parameters.")
-    start_epoch, start_images = resume(trainer, args)
+    start_epoch, start_images = resume(trainer, args, config)
     monitor = EpochMonitor(args, config, dataset)
 
     start_time = time.time()

@@ -212,10 +212,17 @@ class Trainer:
         return path
 
     def load_state(self, path, continuation=False):
-        """Load the checkpoint file ``path`` into the running objects; returns its (epoch, epoch_images). With
-        ``continuation`` (a view-only run continued with the region loss) the new ``head_dense`` and
-        ``center_grid`` keep their fresh values and the optimizer state is rebuilt."""
+        """Load the checkpoint file ``path`` (this project's or the original's) into the running objects; returns
+        its (epoch, epoch_images). With ``continuation`` (a view-only run continued with the region loss) the new
+        ``head_dense`` and ``center_grid`` keep their fresh values and the optimizer state is rebuilt.
+
+        The optimizer's param-group options that the file lacks (the original's was written by an older torch:
+        no ``fused``, ``foreach``, ...) are this run's; its numpy lr and weight decay come back as floats."""
         ckpt = utils.load_checkpoint(path)
+        missing = [k for k in ('student', 'teacher') + (() if continuation else ('optimizer',)) if k not in ckpt]
+        if missing:
+            raise utils.UserError(f"{path} is not a training checkpoint (no {', '.join(missing)} entry); a backbone "
+                                  f"alone initialises a run with MODEL.PRETRAINED {path}")
         for name, module in (('student', self.student), ('teacher', self.teacher)):
             weights = utils.strip_prefix(ckpt[name])
             if continuation:  # only the region head may be added (or dropped); anything else must match
@@ -228,7 +235,15 @@ class Trainer:
             loss_state.update({k: v for k, v in self.loss_fn.state_dict().items() if k not in loss_state})
         self.loss_fn.load_state_dict(loss_state)
         if not continuation:
-            self.optimizer.load_state_dict(ckpt['optimizer'])
+            saved = ckpt['optimizer']
+            for group, current in zip(saved.get('param_groups', []), self.optimizer.param_groups):
+                for option, value in current.items():
+                    group.setdefault(option, value)
+            try:
+                self.optimizer.load_state_dict(saved)
+            except (ValueError, KeyError) as e:
+                raise utils.UserError(f"checkpoint {path}: its optimizer state does not fit this run's "
+                                      f"--optimizer and parameters ({e})") from None
             if self.scaler is not None and 'fp16_scaler' in ckpt:
                 self.scaler.load_state_dict(ckpt['fp16_scaler'])
         return int(ckpt.get('epoch', 0)), int(ckpt.get('epoch_images', 0))

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
 import utils
-from config import DEMO_CFG
 from datasets import build_dataset, demo_data_path, worker_init, worker_nice
 
 DEMO_IMAGE_SIZE = 64  # the demo model's global crop size (experiments/cpu/swin_demo.yaml)
@@ -24,14 +23,19 @@ DEMO_IMAGE_SIZE = 64  # the demo model's global crop size (experiments/cpu/swin_
 def backbone_args_parser():
     """Options shared by the evaluation scripts: the backbone, its weights and the data."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument('--cfg', default=None, type=str, help='the pretraining yaml (MODEL.NAME, MODEL.SPEC)')
+    p.add_argument('--cfg', default=None, type=str,
+                   help="the pretraining yaml (MODEL.NAME, MODEL.SPEC); default: the one --pretrained_weights "
+                        "was trained with (this project's and the original's checkpoints store it)")
     p.add_argument('--arch', default=None, type=str,
-                   help="as in main_esvit.py: a sized name (swin_tiny) builds the original's yaml without --cfg")
+                   help="as in main_esvit.py: a sized name (swin_tiny) builds the original's yaml without --cfg; "
+                        "default: the checkpoint's")
     p.add_argument('--patch_size', default=16, type=int,
                    help="patch size of a ViT --arch (deit_tiny, deit_small, vit_base): 16 (default) or 8, as the "
                         "checkpoint was trained")
     p.add_argument('--pretrained_weights', default='', type=str,
-                   help='checkpoint to evaluate (none: a randomly initialised backbone)')
+                   help="checkpoint to evaluate: a training checkpoint (this project's, the original's, DINO's), "
+                        "or a backbone state dict (.pth / .safetensors, also timm's or torchvision's keys); "
+                        "none: a randomly initialised backbone")
     p.add_argument('--checkpoint_key', default='teacher', type=str, help='teacher or student')
     p.add_argument('--data_path', default=None, type=str,
                    help='folder with train/ and val/ (or train.zip and val.zip with --zip_mode); '
@@ -51,11 +55,14 @@ def backbone_args_parser():
 
 
 def parse_eval_args(parser, argv=None):
-    """Parse; with no --cfg, --arch or --data_path, evaluate the demo model on the demo data."""
+    """Parse; with no --cfg, --arch or --data_path (``args.demo``), evaluate on the demo data at the demo's size,
+    the model that --pretrained_weights was trained with or else the demo model
+    (``evaluation.checkpoints.model_config``)."""
     args = parser.parse_args(argv)
     if args.cfg is None and args.arch is None and args.data_path is None:
-        parser.set_defaults(cfg=DEMO_CFG, image_size=DEMO_IMAGE_SIZE)
+        parser.set_defaults(image_size=DEMO_IMAGE_SIZE)
         args = parser.parse_args(argv)
+        args.demo = True
     return args
 
 

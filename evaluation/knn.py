@@ -10,9 +10,9 @@ import os
 import torch
 
 import utils
-from config import load_config
 from datasets import eval_transform
 from .backbone import build_frozen_backbone
+from .checkpoints import model_config
 from .features import build_eval_loader, build_train_val_datasets, extract_features
 
 KNN_CHUNK_ELEMENTS = 2 ** 27  # test x bank similarities computed at once (512 MiB in float32)
@@ -65,7 +65,7 @@ def compute_features(args):
     transform = eval_transform(args.image_size, args.resize_size)
     train_set, val_set = build_train_val_datasets(args.data_path, transform, transform, args.zip_mode)
     print(f"Data loaded: {len(train_set)} train and {len(val_set)} val images, {len(train_set.classes)} classes.")
-    backbone = build_frozen_backbone(load_config(args), args.pretrained_weights, args.checkpoint_key)
+    backbone = build_frozen_backbone(model_config(args), args.pretrained_weights, args.checkpoint_key)
     backbone.to(args.device)
     result = {}
     for split, dataset in (('train', train_set), ('test', val_set)):

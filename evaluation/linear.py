@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, TensorDataset
 
 import utils
-from config import load_config
 from datasets import (DistributedEpochSampler, EpochRandomSampler, build_loader, eval_transform, probe_train_transform,
                       set_epoch)
 from .backbone import build_frozen_backbone
+from .checkpoints import model_config
 from .features import build_eval_loader, build_train_val_datasets, extract_features
 
 CHECKPOINT_NAME = 'checkpoint.pth.tar'
@@ -165,7 +165,7 @@ def eval_linear(args):
     device = args.device
 
     # ============ frozen backbone and data ============
-    backbone = build_frozen_backbone(load_config(args), args.pretrained_weights, args.checkpoint_key).to(device)
+    backbone = build_frozen_backbone(model_config(args), args.pretrained_weights, args.checkpoint_key).to(device)
     probe_features = partial(linear_features, n_last_blocks=args.n_last_blocks,
                              avgpool_patchtokens=args.avgpool_patchtokens)  # (backbone, images) -> B x D
     dim = feature_dim(partial(probe_features, backbone), args.image_size, device)

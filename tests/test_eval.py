@@ -17,7 +17,8 @@ import utils
 from config import load_config
 from engine import build_student_teacher, parse_args, train_esvit
 from evaluation import knn, linear, parse_eval_args
-from evaluation.backbone import backbone_state_dict, build_frozen_backbone, load_pretrained_backbone
+from evaluation.backbone import build_frozen_backbone, load_pretrained_backbone
+from evaluation.checkpoints import backbone_state_dict
 from helpers import ROOT, TINY_MODEL, TINY_OPTS, make_config
 from models import build_model
 TRAIN_PER_CLASS, VAL_PER_CLASS = (7, 7, 7, 6), (3, 3, 3, 2)  # odd totals: DistributedSampler pads the shards
