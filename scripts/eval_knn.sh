@@ -4,8 +4,9 @@
 #   DATA_PATH=imagenet CKPT_PATH=output/swin_tiny/checkpoint.pth OUT_PATH=output/swin_tiny/knn \
 #       bash scripts/eval_knn.sh
 #
-# DATA_PATH holds train/ (the bank) and val/. ARCH / CFG as in scripts/pretrain.sh; GPUS processes (default:
-# every GPU; GPUS=1 on a CPU). The features are saved under OUT_PATH/features; further arguments go to eval_knn.py.
+# DATA_PATH holds train/ (the bank) and val/. ARCH / CFG as in scripts/pretrain.sh (default: the checkpoint's
+# model); GPUS processes (default: every GPU; GPUS=1 on a CPU). The features are saved under OUT_PATH/features;
+# further arguments go to eval_knn.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh

@@ -4,8 +4,9 @@
 #   DATA_PATH=imagenet CKPT_PATH=output/swin_tiny/checkpoint.pth OUT_PATH=output/swin_tiny/lincls \
 #       bash scripts/eval_linear.sh
 #
-# DATA_PATH holds train/ and val/. ARCH / CFG as in scripts/pretrain.sh; GPUS processes (default: every GPU;
-# GPUS=1 on a CPU); NUM_LABELS classes (default 1000). Rerunning resumes; further arguments go to eval_linear.py.
+# DATA_PATH holds train/ and val/. ARCH / CFG as in scripts/pretrain.sh (default: the checkpoint's model); GPUS
+# processes (default: every GPU; GPUS=1 on a CPU); NUM_LABELS classes (default 1000). Rerunning resumes; further
+# arguments go to eval_linear.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh

@@ -15,6 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${DATA_PATH:?set DATA_PATH to the training images (class folders; a zip with --zip_mode True)}"
 : "${OUT_PATH:?set OUT_PATH to the output folder}"
+DEFAULT_ARCH=swin_tiny
 source scripts/common.sh
 ARGS=(--data_path "$DATA_PATH" --output_dir "$OUT_PATH" --use_dense_prediction "${DENSE:-True}"
       --batch_size_per_gpu 32 --epochs 300 --teacher_temp 0.07 --warmup_epochs 10 --warmup_teacher_temp_epochs 30

@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${DATA_PATH:?set DATA_PATH to the training images (a zip of class folders here, as the original)}"
 : "${OUT_PATH:?set OUT_PATH to the output folder, on storage shared by the nodes}"
-ARCH=${ARCH:-swin_small}
+DEFAULT_ARCH=swin_small
 CFG=${CFG-experiments/imagenet/swin/swin_small_patch4_window14_224.yaml}
 source scripts/common.sh
 ARGS=(--data_path "$DATA_PATH" --output_dir "$OUT_PATH" --use_dense_prediction "${DENSE:-True}" --zip_mode True

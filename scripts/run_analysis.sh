@@ -6,8 +6,8 @@
 #   IMG_PATH=dog.jpg CKPT_PATH=output/swin_tiny/checkpoint.pth OUT_PATH=output/analysis bash scripts/run_analysis.sh
 #   DATA_PATH=imagewoof/val CKPT_PATH=... OUT_PATH=... bash scripts/run_analysis.sh
 #
-# ARCH / CFG as in scripts/pretrain.sh; SEED (default 8) draws the random views. Further arguments go to
-# run_analysis.py.
+# ARCH / CFG as in scripts/pretrain.sh (default: the checkpoint's model); SEED (default 8) draws the random views.
+# Further arguments go to run_analysis.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CKPT_PATH:?set CKPT_PATH to the pretraining checkpoint}"
