@@ -4,6 +4,7 @@ import argparse
 import datetime
 import json
 import os
+import pickle
 import random
 import re
 import sys
@@ -30,18 +31,31 @@ def bool_flag(s):
     raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {s!r}")
 
 
+ERROR_LINE_CHARS = 300  # an error line longer than this is cut (a library's message can run to paragraphs)
+
+
+def error_line(error):
+    """The first line of ``error``'s message, at most :data:`ERROR_LINE_CHARS` characters."""
+    message = str(error).strip()
+    line = message.splitlines()[0] if message else type(error).__name__
+    return line if len(line) <= ERROR_LINE_CHARS else line[:ERROR_LINE_CHARS - 4].rstrip() + ' ...'
+
+
 def run_main(main, args):
-    """Run ``main(args)``; a :class:`UserError` (the config's and the data's errors are ones) becomes one line on
-    stderr and exit status 2."""
+    """Run ``main(args)``; a :class:`UserError` (the config's and the data's errors are ones) becomes one short
+    line on stderr and exit status 2. The exit happens outside the ``except`` clause: the error, its traceback
+    and what its frames hold (DataLoader workers) are released first, so nothing keeps the exit waiting."""
+    message = None
     try:
         main(args)
     except UserError as e:
-        # errors raised in a DataLoader worker carry the worker's traceback after the first line
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+        message = error_line(e)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    if message is not None:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def setup_cpu_runtime(tcmalloc=True, flush_denormal=True):
@@ -402,13 +416,22 @@ def load_checkpoint(path, mmap=False):
         with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
             return _plain_numbers(torch.load(path, map_location='cpu', weights_only=True, mmap=mmap))
     except Exception as e:
-        message = str(e).strip()
-        reason = message.splitlines()[0] if message else type(e).__name__
-        if 'Unsupported global' in message or 'weights_only' in message:
-            culprit = re.search(r'GLOBAL ([\w.]+)', message)
-            reason = (f"it contains pickled objects other than tensors and plain data"
-                      f"{f' ({culprit.group(1)})' if culprit else ''}, refused for safety")
+        reason = checkpoint_read_error(e)
         raise UserError(f"cannot read checkpoint {path}: {reason}") from None
+
+
+def checkpoint_read_error(error):
+    """Why ``torch.load`` failed, in plain words (torch's own message runs to several sentences)."""
+    message = str(error).strip()
+    if 'Unsupported global' in message or 'weights_only' in message:
+        culprit = re.search(r'GLOBAL ([\w.]+)', message)
+        return (f"it contains pickled objects other than tensors and plain data"
+                f"{f' ({culprit.group(1)})' if culprit else ''}, refused for safety")
+    if 'central directory' in message or isinstance(error, EOFError) or 'unexpected EOF' in message:
+        return "the file is truncated or corrupted (an incomplete copy or an interrupted save?)"
+    if isinstance(error, (KeyError, pickle.UnpicklingError)) or 'invalid load key' in message:
+        return "not a PyTorch checkpoint (neither a torch.save zip, a legacy pickle nor safetensors)"
+    return f"{type(error).__name__}: {error_line(error)}"
 
 
 def strip_prefix(state_dict, prefixes=('module.',)):

@@ -10,10 +10,9 @@ import os
 
 import torch
 import torchvision.transforms.functional as TF
-from torch.utils.data import DataLoader
 
 import utils
-from datasets import build_dataset, normalize
+from datasets import WorkerLoader, build_dataset, normalize
 from datasets.folder import DECODE_ERRORS, load_rgb
 from evaluation import build_frozen_backbone, model_config
 from .attention import attention_views, block_attentions
@@ -138,8 +137,8 @@ def measurement_folder(data_path):
 def run_measure_correspondence(backbone, args):
     folder = measurement_folder(args.data_path)
     dataset = build_dataset(folder, FlipPair(args.image_size))
-    loader = DataLoader(dataset, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers, shuffle=False,
-                        generator=torch.Generator().manual_seed(args.seed), pin_memory=args.device.type == 'cuda')
+    loader = WorkerLoader(dataset, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers, shuffle=False,
+                          generator=torch.Generator().manual_seed(args.seed), pin_memory=args.device.type == 'cuda')
     print(f"Measuring the correspondence on {len(dataset)} images of {folder}")
     results = measure_correspondence(backbone, loader, args.device, top_k=args.top_k, max_images=args.max_images)
     for record in results['per_image']:

@@ -19,7 +19,9 @@
         -> DataLoader with DistributedEpochSampler (distributed) or EpochRandomSampler; the same global
            order and per-sample augmentation seeds (seed, epoch, index) for any number of processes;
            pinned memory when CUDA is available; epochs of whole steps of `step_batches` micro-batches;
-           workers at the lowest scheduling priority when the model runs on the CPU
+           workers at the lowest scheduling priority when the model runs on the CPU; a WorkerLoader
+    WorkerLoader(dataset, num_workers, nice, **DataLoader options)  # workers capped at the CPUs; an error in a
+        worker ends the iteration with the worker's one-line message and no worker left behind
     set_epoch(loader, epoch, start_batch=0)  # before each epoch: reproducible order and augmentations,
                                              # also after a resume (start_batch: mid-epoch)
     demo_data_path(split='train' | 'val', cache_dir=None) -> ImageFolder root of the committed
@@ -32,7 +34,8 @@ Data sources and licences: see datasets/fashion_mnist.py.
 from .fashion_mnist import (FASHION_MNIST_CLASSES, demo_data_path, fashion_mnist_folder,
                             load_fashion_mnist)
 from .folder import (DataError, ImageFolderDataset, ZipImageFolder, build_dataset)
-from .loader import DistributedEpochSampler, EpochRandomSampler, build_loader, set_epoch, worker_init, worker_nice
+from .loader import (DistributedEpochSampler, EpochRandomSampler, WorkerLoader, build_loader, cap_workers, set_epoch,
+                     worker_init, worker_nice)
 from .transforms import (DataAugmentationDEIT, DataAugmentationDINO, MultiCropTransform, build_transform,
                          center_view, colour_jitter, denormalize, eval_transform, normalize, probe_train_transform,
                          to_normalized_tensor)
@@ -40,7 +43,8 @@ from .transforms import (DataAugmentationDEIT, DataAugmentationDINO, MultiCropTr
 __all__ = [
     'FASHION_MNIST_CLASSES', 'demo_data_path', 'fashion_mnist_folder', 'load_fashion_mnist',
     'DataError', 'ImageFolderDataset', 'ZipImageFolder', 'build_dataset',
-    'DistributedEpochSampler', 'EpochRandomSampler', 'build_loader', 'set_epoch', 'worker_init', 'worker_nice',
+    'DistributedEpochSampler', 'EpochRandomSampler', 'WorkerLoader', 'build_loader', 'cap_workers', 'set_epoch',
+    'worker_init', 'worker_nice',
     'DataAugmentationDEIT', 'DataAugmentationDINO', 'MultiCropTransform', 'build_transform',
     'center_view', 'colour_jitter', 'denormalize', 'eval_transform', 'normalize', 'probe_train_transform',
     'to_normalized_tensor',

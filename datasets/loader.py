@@ -7,6 +7,7 @@ batch ``world_size`` times larger. Each sample's random augmentations are drawn 
 (seed, epoch, sample index), not from a worker's random stream. Hence 1 and N processes (or N DataLoader
 workers, or a run resumed mid-epoch) see the same crops of the same images.
 """
+import atexit
 import functools
 import itertools
 import os
@@ -17,6 +18,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+
+import utils
 
 
 class StepAlignedSampler:
@@ -93,13 +96,91 @@ class PerSampleSeeds(Dataset):
             return self.dataset[index]
 
 
-def worker_init(worker_id, nice=0):
-    """DataLoader workers leave SIGINT / SIGTERM to the training process, which finishes its step and saves
-    a checkpoint; the workers end with it. ``nice``: their scheduling priority (see :func:`worker_nice`)."""
+_MAIN_EXITING = None  # 1-element shared uint8 tensor: 1 once the main process ends (set at exit or on an error)
+
+
+def main_exiting_flag():
+    """The shared flag that lets DataLoader workers end on SIGTERM (see :func:`worker_init`); created once per
+    process, set by an exit handler (which runs before multiprocessing's own, which terminates and joins the
+    workers)."""
+    global _MAIN_EXITING
+    if _MAIN_EXITING is None:
+        _MAIN_EXITING = torch.zeros(1, dtype=torch.uint8).share_memory_()
+        atexit.register(_MAIN_EXITING.fill_, 1)
+    return _MAIN_EXITING
+
+
+def worker_init(worker_id, nice=0, main_exiting=None):
+    """DataLoader workers leave SIGINT to the training process, and SIGTERM too while it runs: a Ctrl-C or
+    scancel reaches every process, and the training process finishes its step and saves a checkpoint with the
+    workers' help. Once the main process ends (``main_exiting`` set, see :func:`main_exiting_flag`), a SIGTERM
+    (multiprocessing's terminate at exit) ends a worker at once, so no worker outlives its run. ``nice``: their
+    scheduling priority (see :func:`worker_nice`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def on_sigterm(signum, frame):
+        if main_exiting is not None and main_exiting[0]:
+            os._exit(128 + signum)
+    signal.signal(signal.SIGTERM, on_sigterm)
     if nice:
         os.nice(nice)
+
+
+def usable_cpus():
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+_CAPPED_ONCE = set()
+
+
+def cap_workers(num_workers):
+    """``num_workers`` at most the usable CPUs (more only make PyTorch warn and the processes compete); says so
+    once per requested value."""
+    cpus = usable_cpus()
+    if num_workers <= cpus:
+        return num_workers
+    if num_workers not in _CAPPED_ONCE:
+        _CAPPED_ONCE.add(num_workers)
+        print(f"--num_workers {num_workers} capped at {cpus}, the CPUs this machine gives the run")
+    return cpus
+
+
+def worker_error(error):
+    """A :class:`utils.UserError` raised in a worker comes back as ``type(error)('Caught X in DataLoader worker
+    process 0.\nOriginal Traceback ...')``; the same type with the worker's own message (its traceback's last
+    line), else ``error`` itself."""
+    message = str(error)
+    if not (isinstance(error, utils.UserError) and message.startswith('Caught ') and 'Traceback' in message):
+        return error
+    last = message.strip().splitlines()[-1]
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return type(error)(last[len(prefix):] if last.startswith(prefix) else last)
+
+
+class WorkerLoader(DataLoader):
+    """DataLoader whose workers never outlive an error: when anything (a worker's error, or one raised by the
+    loop around the batches) ends an iteration early, the workers are shut down before the error goes on, and
+    a worker's :class:`utils.UserError` keeps its own one-line message (the file and the cause). At most
+    :func:`usable_cpus` workers, at priority ``nice``."""
+
+    def __init__(self, dataset, num_workers=0, nice=0, **kwargs):
+        num_workers = cap_workers(num_workers)
+        init = functools.partial(worker_init, nice=nice, main_exiting=main_exiting_flag()) if num_workers else None
+        super().__init__(dataset, num_workers=num_workers, worker_init_fn=init, **kwargs)
+
+    def __iter__(self):
+        batches = super().__iter__()
+        try:
+            yield from batches
+        except utils.UserError as error:
+            raise worker_error(error) from None
+        finally:
+            if hasattr(batches, '_shutdown_workers'):  # idle workers end at once; one stuck in a sample for
+                batches._shutdown_workers()             # more than 5 s ends at exit (worker_init)
 
 
 def worker_nice(device):
@@ -118,15 +199,9 @@ def build_loader(dataset, batch_size, num_workers, distributed, seed=0, drop_las
     """
     sampler = DistributedEpochSampler(dataset, seed=seed) if distributed else EpochRandomSampler(dataset, seed=seed)
     sampler.batch_size, sampler.step_batches = batch_size, step_batches
-    loader = DataLoader(
-        PerSampleSeeds(dataset, seed),
-        sampler=sampler,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        drop_last=drop_last,
-        worker_init_fn=functools.partial(worker_init, nice=nice),
-    )
+    loader = WorkerLoader(PerSampleSeeds(dataset, seed), sampler=sampler, batch_size=batch_size,
+                          num_workers=num_workers, nice=nice, pin_memory=torch.cuda.is_available(),
+                          drop_last=drop_last)
     set_epoch(loader, 0)
     return loader
 

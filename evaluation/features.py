@@ -7,15 +7,14 @@ train/val image folders, and features of a frozen backbone gathered across proce
     features, labels = extract_features(backbone, loader, device)   # N x D float32, N; every rank gets all
 """
 import argparse
-import functools
 import os
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
+from torch.utils.data import Dataset, DistributedSampler, SequentialSampler
 
 import utils
-from datasets import build_dataset, demo_data_path, worker_init, worker_nice
+from datasets import WorkerLoader, build_dataset, demo_data_path, worker_nice
 
 DEMO_IMAGE_SIZE = 64  # the demo model's global crop size (experiments/cpu/swin_demo.yaml)
 
@@ -110,9 +109,8 @@ def build_eval_loader(dataset, batch_size, num_workers):
     indexed = IndexedDataset(dataset)
     sampler = DistributedSampler(indexed, shuffle=False) if utils.is_dist() else SequentialSampler(indexed)
     nice = worker_nice(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))
-    return DataLoader(indexed, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=False,
-                      worker_init_fn=functools.partial(worker_init, nice=nice))
+    return WorkerLoader(indexed, sampler=sampler, batch_size=batch_size, num_workers=num_workers, nice=nice,
+                        pin_memory=torch.cuda.is_available(), drop_last=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
