@@ -17,7 +17,8 @@ from evaluation import backbone_args_parser, eval_knn, parse_eval_args
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('EsViT k-NN evaluation', parents=[backbone_args_parser()])
+    p = argparse.ArgumentParser('EsViT k-NN evaluation', parents=[backbone_args_parser()],
+                                formatter_class=utils.HelpFormatter)
     p.add_argument('--nb_knn', default=[10, 20, 100, 200], nargs='+', type=int, help='the k values')
     p.add_argument('--temperature', default=0.07, type=float, help='T of the vote weights exp(similarity / T)')
     p.add_argument('--dump_features', default=None, type=str, help='save the features and labels in this folder')

@@ -31,7 +31,8 @@ TORCHRUN_ENV = {'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'}
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('EsViT multi-node launcher', allow_abbrev=False, add_help=False)
+    p = argparse.ArgumentParser('EsViT multi-node launcher', allow_abbrev=False, add_help=False,
+                                formatter_class=utils.HelpFormatter)
     p.add_argument('--num_nodes', default=None, type=int,
                    help='nodes of the job (default: OMPI_COMM_WORLD_SIZE, SLURM_NNODES, else 1)')
     p.add_argument('--num_gpus_per_node', default=None, type=int,

@@ -41,7 +41,7 @@ def get_args_parser():
     p.add_argument('--learning', default='ssl', choices=['ssl', 'supervised'],
                    help="ssl: load --checkpoint_key; supervised: the checkpoint's 'model' entry")
     p.add_argument('--seed', default=8, type=int, help='seed of the random views')
-    p.add_argument('--output_dir', default='.', type=str)
+    p.add_argument('--output_dir', default='.', type=str, help='where the pictures and json files go')
     p.add_argument('--image_path', default=None, type=str, help='image for --vis_attention / --vis_correspondence')
     p.add_argument('--image_path2', default=None, type=str,
                    help='second view for --vis_correspondence (default: a random crop of --image_path)')
@@ -63,14 +63,16 @@ def get_args_parser():
                    help='score token matching against a flipped view over --data_path')
     p.add_argument('--top_k', default=10, type=int, help='most similar token pairs drawn or scored per image')
     p.add_argument('--max_images', default=0, type=int, help='--measure_correspondence on at most this many (0: all)')
-    p.add_argument('--batch_size_per_gpu', default=64, type=int)
-    p.add_argument('--num_workers', default=4, type=int)
+    p.add_argument('--batch_size_per_gpu', default=64, type=int, help='images per batch of --measure_correspondence')
+    p.add_argument('--num_workers', default=4, type=int,
+                   help='DataLoader workers of --measure_correspondence (at most the CPUs available)')
     p.add_argument('opts', default=None, nargs=argparse.REMAINDER, help='config overrides: KEY VALUE ...')
     return p
 
 
 def parse_args(argv=None):
-    return argparse.ArgumentParser('EsViT analysis', parents=[get_args_parser()]).parse_args(argv)
+    return argparse.ArgumentParser('EsViT analysis', parents=[get_args_parser()],
+                                   formatter_class=utils.HelpFormatter).parse_args(argv)
 
 
 if __name__ == '__main__':

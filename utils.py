@@ -41,6 +41,14 @@ def error_line(error):
     return line if len(line) <= ERROR_LINE_CHARS else line[:ERROR_LINE_CHARS - 4].rstrip() + ' ...'
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` of the entry scripts: each option's default, and [True/False] for the boolean ones."""
+
+    def _get_help_string(self, action):
+        text = super()._get_help_string(action)
+        return text if action.type is not bool_flag or 'True/False' in text else f'{text} [True/False]'
+
+
 def run_main(main, args):
     """Run ``main(args)``; a :class:`UserError` (the config's and the data's errors are ones) becomes one short
     line on stderr and exit status 2. The exit happens outside the ``except`` clause: the error, its traceback
@@ -176,7 +184,7 @@ def fix_random_seeds(seed):
 class SmoothedValue:
     """A window-smoothed series with a global average, synchronisable across processes."""
 
-    def __init__(self, window_size=20, fmt='{median:.4f} ({global_avg:.4f})'):
+    def __init__(self, window_size=20, fmt='{median:.4g} ({global_avg:.4g})'):
         self.deque = deque(maxlen=window_size)
         self.total = 0.0
         self.count = 0
@@ -224,12 +232,14 @@ class MetricLogger:
     def __str__(self):
         return self.delimiter.join(f'{name}: {meter}' for name, meter in self.meters.items())
 
-    def log_every(self, iterable, print_freq, header='', images_per_iter=None):
-        """Yield from ``iterable``, printing progress every ``print_freq`` iterations and at the end."""
-        total = len(iterable)
+    def log_every(self, iterable, print_freq, header='', images_per_iter=None, start=0):
+        """Yield from ``iterable``, printing progress every ``print_freq`` iterations and at the end. ``start``:
+        the iterations done before (a resume inside an epoch): the counter goes on from there to
+        ``start + len(iterable)``."""
+        total = start + len(iterable)
         width = len(str(total))
-        start = end = time.time()
-        for i, obj in enumerate(iterable):
+        start_time = end = time.time()
+        for i, obj in enumerate(iterable, start):
             self.meters['data_time'].update(time.time() - end)
             yield obj
             self.meters['iter_time'].update(time.time() - end)
@@ -239,8 +249,9 @@ class MetricLogger:
                 eta = datetime.timedelta(seconds=int(self.meters['iter_time'].global_avg * (total - i - 1)))
                 print(f"{header} [{i:{width}d}/{total}]  eta: {eta}{self.delimiter}{self}", flush=True)
             end = time.time()
-        elapsed = datetime.timedelta(seconds=int(time.time() - start))
-        print(f"{header} Total time: {elapsed} ({(time.time() - start) / max(total, 1):.4f} s / it)", flush=True)
+        elapsed = datetime.timedelta(seconds=int(time.time() - start_time))
+        print(f"{header} Total time: {elapsed} ({(time.time() - start_time) / max(total - start, 1):.4g} s / it)",
+              flush=True)
 
 
 class TrainingLog:

@@ -33,7 +33,8 @@ def get_args_parser():
                    help='weight-normalise the last layer of the heads with a frozen gain')
     p.add_argument('--momentum_teacher', default=0.996, type=float,
                    help='base EMA momentum of the teacher, raised to 1 with a cosine schedule')
-    p.add_argument('--use_bn_in_head', default=False, type=utils.bool_flag)
+    p.add_argument('--use_bn_in_head', default=False, type=utils.bool_flag,
+                   help='BatchNorm in the heads\' hidden layers (DINO: False, unless the backbone is a ResNet)')
     p.add_argument('--head_hidden_dim', default=2048, type=int, help='width of the heads\' hidden layers')
     p.add_argument('--head_bottleneck_dim', default=256, type=int,
                    help='width of the heads\' last hidden layer, before the out_dim prototypes')
@@ -41,9 +42,15 @@ def get_args_parser():
                    help='add the region-level matching loss (EsViT V+R)')
 
     # teacher temperature
-    p.add_argument('--warmup_teacher_temp', default=0.04, type=float)
-    p.add_argument('--teacher_temp', default=0.04, type=float)
-    p.add_argument('--warmup_teacher_temp_epochs', default=0, type=int)
+    p.add_argument('--warmup_teacher_temp', default=0.04, type=float,
+                   help='teacher temperature at the start of the warm-up; try 0.04 and lower it if the loss does not '
+                        'decrease at the start')
+    p.add_argument('--teacher_temp', default=0.04, type=float,
+                   help='teacher temperature after the warm-up; 0.04 works well in most cases, above 0.07 training '
+                        'tends to be unstable and the teacher to collapse to uniform (see the health signals)')
+    p.add_argument('--warmup_teacher_temp_epochs', default=0, type=int,
+                   help='epochs of the linear warm-up from --warmup_teacher_temp to --teacher_temp (the original\'s '
+                        'recipes: 30)')
 
     # optimisation
     p.add_argument('--use_fp16', default=True, type=utils.bool_flag,
@@ -51,30 +58,39 @@ def get_args_parser():
     p.add_argument('--precision', default='auto', choices=['auto', 'fp32', 'bf16', 'fp16'],
                    help='auto (with --use_fp16) = fp16 on CUDA; on CPU bf16 where a bf16 matmul is at least 1.5x '
                         'as fast as float32 (measured at start), else fp32')
-    p.add_argument('--weight_decay', default=0.04, type=float)
-    p.add_argument('--weight_decay_end', default=0.4, type=float)
+    p.add_argument('--weight_decay', default=0.04, type=float,
+                   help='initial weight decay, raised to --weight_decay_end with a cosine schedule; a smaller value '
+                        'works well for ViTs')
+    p.add_argument('--weight_decay_end', default=0.4, type=float,
+                   help='final weight decay; DINO found that raising the decay during training improves ViTs')
     p.add_argument('--clip_grad', default=3.0, type=float, help='gradient clipping norm, 0 disables')
     p.add_argument('--clip_mode', default='per_tensor', choices=['per_tensor', 'global'],
                    help="per_tensor clips each parameter's gradient (the original); global clips their joint norm")
-    p.add_argument('--batch_size_per_gpu', default=64, type=int)
+    p.add_argument('--batch_size_per_gpu', default=64, type=int,
+                   help='images per process and micro-batch; the lr scales with the total batch')
     p.add_argument('--accum_iter', default=1, type=int,
                    help='micro-batches per optimizer step (gradient accumulation): the effective batch is '
                         'batch_size_per_gpu x processes x accum_iter, and lr scales with it')
-    p.add_argument('--epochs', default=100, type=int)
+    p.add_argument('--epochs', default=100, type=int, help='training epochs (the original\'s recipes: 300)')
     p.add_argument('--freeze_last_layer', default=1, type=int,
                    help='epochs during which the last layer of the heads stays fixed')
     p.add_argument('--lr', default=0.0005, type=float, help='peak lr for a total batch of 256 (scaled linearly)')
-    p.add_argument('--warmup_epochs', default=10, type=int)
-    p.add_argument('--min_lr', default=1e-6, type=float)
-    p.add_argument('--optimizer', default='adamw', choices=['adamw', 'sgd', 'lars'])
+    p.add_argument('--warmup_epochs', default=10, type=int, help='epochs of the linear lr warm-up to its peak')
+    p.add_argument('--min_lr', default=1e-6, type=float,
+                   help='lr at the end of the cosine schedule; a fraction of the peak lr in practice')
+    p.add_argument('--optimizer', default='adamw', choices=['adamw', 'sgd', 'lars'],
+                   help='adamw is advised for transformers; sgd or lars for ResNets')
     p.add_argument('--fused_optimizer', default=True, type=utils.bool_flag,
                    help='fused AdamW / SGD kernels (False: the per-tensor loop)')
 
     # multi-crop
-    p.add_argument('--global_crops_scale', type=float, nargs='+', default=(0.4, 1.))
+    p.add_argument('--global_crops_scale', type=float, nargs='+', default=(0.4, 1.),
+                   help='area range of the 2 global crops (RandomResizedCrop scale); below 1.0 up to the image')
     p.add_argument('--local_crops_number', type=int, nargs='+', default=(8,),
                    help='local crops of each size in --local_crops_size, e.g. 6 2')
-    p.add_argument('--local_crops_scale', type=float, nargs='+', default=(0.05, 0.4))
+    p.add_argument('--local_crops_scale', type=float, nargs='+', default=(0.05, 0.4),
+                   help='area range of the local crops; its upper end should be below the lower end of '
+                        '--global_crops_scale')
     p.add_argument('--local_crops_size', type=int, nargs='+', default=(96,), help='e.g. 96 128')
     p.add_argument('--aug-opt', type=str, default='dino_aug', help='augmentation policy (dino_aug)')
 
@@ -84,24 +100,30 @@ def get_args_parser():
     p.add_argument('--dataset', default='imagenet1k', type=str,
                    help="accepted for the original's command lines and ignored: --data_path and --zip_mode say "
                         "what the data are")
-    p.add_argument('--zip_mode', default=False, type=utils.bool_flag)
+    p.add_argument('--zip_mode', default=False, type=utils.bool_flag,
+                   help='--data_path is a zip of class folders (or a folder with train.zip), read lazily')
     p.add_argument('--on_bad_image', default='skip', choices=['skip', 'fail'],
                    help='a corrupt image is replaced by another sample and logged (skip) or stops the run')
 
     # misc
     p.add_argument('--pretrained_weights_ckpt', default='', type=str,
                    help='start from this checkpoint (e.g. a view-only run continued with V+R)')
-    p.add_argument('--output_dir', default='.', type=str)
+    p.add_argument('--output_dir', default='.', type=str,
+                   help='where checkpoints, log.txt, args.json, config.yaml and tb/ go; rerun to resume')
     p.add_argument('--saveckp_freq', default=5, type=int, help='also keep checkpoint{epoch:04}.pth every N epochs')
     p.add_argument('--saveckp_iters', default=0, type=int,
                    help='also write checkpoint.pth every N optimizer steps inside an epoch; a resume continues '
                         'from that step (0: only at the end of each epoch)')
-    p.add_argument('--seed', default=0, type=int)
-    p.add_argument('--num_workers', default=10, type=int)
+    p.add_argument('--seed', default=0, type=int, help='seed of the initial weights, the data order and the crops')
+    p.add_argument('--num_workers', default=10, type=int,
+                   help='DataLoader worker processes per training process (at most the CPUs available)')
     p.add_argument('--nice_workers', default=True, type=utils.bool_flag,
                    help='on a CPU run, DataLoader workers at the lowest priority (nice 19), so that they do not '
                         'preempt the OpenMP threads of the step (1.5x faster demo steps on 2 cores)')
-    p.add_argument('--print_freq', default=10, type=int)
+    p.add_argument('--print_freq', default=10, type=int, help='progress line every N steps')
+    p.add_argument('--health_signals', default=True, type=utils.bool_flag,
+                   help='log the training-health signals (view and region loss, teacher entropy, KL, center norms, '
+                        'distinct prototypes) per step and warn once when the run looks collapsed')
     p.add_argument('--knn_freq', default=None, type=int,
                    help='k-NN accuracy of the teacher every N epochs and after the last; 0: never '
                         '(default 0, the demo: after the last epoch)')
@@ -115,20 +137,23 @@ def get_args_parser():
                    help='flush float32 denormals to zero on the CPU (tiny softmax tails otherwise slow matmuls 100x)')
     p.add_argument('--knn_data_path', default=None, type=str,
                    help='folder with train/ and val/ for --knn_freq (default for the demo: the demo data)')
-    p.add_argument('--dist_url', default='env://', type=str)
+    p.add_argument('--dist_url', default='env://', type=str,
+                   help='init method of the process group (env://: the variables torchrun sets)')
     p.add_argument('--local_rank', '--local-rank', default=0, type=int, help='set by torch.distributed.launch')
     p.add_argument('opts', default=None, nargs=argparse.REMAINDER, help='config overrides: KEY VALUE ...')
     return p
 
 
 def parse_args(argv=None):
-    """Parse main_esvit.py's command line; with no --cfg, --arch or --data_path, the demo's settings."""
-    parser = argparse.ArgumentParser('EsViT', parents=[get_args_parser()])
+    """Parse main_esvit.py's command line; with no --cfg and no --arch, the demo model and its settings
+    (``args.demo_model``), on the embedded demo data unless --data_path is given (``args.demo``: that data)."""
+    parser = argparse.ArgumentParser('EsViT', parents=[get_args_parser()], formatter_class=utils.HelpFormatter)
     args = parser.parse_args(argv)
-    if args.cfg is None and args.arch is None and args.data_path is None:
+    if args.cfg is None and args.arch is None:
         parser.set_defaults(**DEMO_DEFAULTS, cfg=DEMO_CFG)
         args = parser.parse_args(argv)
-        args.demo = True
+        args.demo_model = True
+        args.demo = args.data_path is None
     if args.knn_freq is None:
         args.knn_freq = args.epochs if getattr(args, 'demo', False) else 0
     return args

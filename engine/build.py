@@ -7,6 +7,7 @@ import torch
 
 import utils
 from models import DINOHead, MultiCropWrapper, build_model, convert_sync_batchnorm
+from .health import HealthMonitor
 from .losses import DDINOLoss, DINOLoss
 from .optim import Schedules, build_optimizer
 from .trainer import Trainer, has_batchnorms
@@ -37,13 +38,18 @@ def build_student_teacher(args, config):
 
 
 def build_loss(args):
-    """The view loss (V), or view + region loss (V+R) with --use_dense_prediction, on ``args.device``."""
+    """The view loss (V), or view + region loss (V+R) with --use_dense_prediction, on ``args.device``; with
+    --health_signals, watched by a :class:`~engine.health.HealthMonitor`."""
     ncrops = sum(args.local_crops_number) + 2
     common = (args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
               args.warmup_teacher_temp_epochs, args.epochs)
     if args.use_dense_prediction:
-        return DDINOLoss(*common, local_crops_number=args.local_crops_number).to(args.device)
-    return DINOLoss(*common).to(args.device)
+        loss = DDINOLoss(*common, local_crops_number=args.local_crops_number).to(args.device)
+    else:
+        loss = DINOLoss(*common).to(args.device)
+    if args.health_signals:
+        loss.monitor = HealthMonitor(args.out_dim)
+    return loss
 
 
 def build_trainer(args, config, steps_per_epoch):

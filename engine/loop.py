@@ -46,6 +46,21 @@ def build_data(args, config):
     return dataset, data_loader
 
 
+def run_summary(args, config, trainer, num_images, steps_per_epoch):
+    """The few lines that say what this run does (every argument is in output_dir/args.json)."""
+    model = ' '.join(filter(None, [f'--arch {args.arch}' if args.arch else '', f'--cfg {args.cfg}' if args.cfg else '',
+                                   ' '.join(args.opts or [])]))
+    loss = 'view + region loss (V+R)' if args.use_dense_prediction else 'view loss (V)'
+    precision = str(trainer.autocast_dtype or 'float32').replace('torch.', '')
+    return '\n'.join([
+        f"Model: {model} ({config.MODEL.NAME}, {config.TRAIN.IMAGE_SIZE[0]} px), "
+        f"{sum(p.numel() for p in trainer.student.parameters()) / 1e6:.3g}M parameters, {loss}, out_dim {args.out_dim}",
+        f"Data: {args.data_path or 'the embedded demo data'}, {num_images} images",
+        f"Steps: {args.epochs} epochs x {steps_per_epoch} steps of {images_per_step(args)} images, "
+        f"lr {args.lr} per 256 images, {precision} on {args.device}",
+        f"Output: {args.output_dir} (all arguments in args.json)"])
+
+
 def resume(trainer, args, config):
     """(epoch, images of that epoch done): from output_dir/checkpoint.pth when there is one (the same command
     resumes; this project's or the original's), else (0, 0) after initialising from --pretrained_weights_ckpt (a
@@ -86,14 +101,15 @@ class EpochMonitor:
         if args.vis_freq:
             self.vis_image = normalize(network_input(dataset.read_image(dataset.samples[0][0]), image_size))
 
-    def __call__(self, backbone, epoch, log):
-        """Stats of ``epoch`` (its k-NN accuracy, or none); pictures go to TensorBoard."""
+    def __call__(self, backbone, epoch, log, step):
+        """Stats of ``epoch`` (its k-NN accuracy, or none); pictures go to TensorBoard at ``step``, the optimizer
+        steps done (the step axis of the train/* scalars)."""
         args, stats = self.args, {}
         if self.online_knn is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
             stats = self.online_knn(backbone, epoch)
-            log.scalars(epoch, **{'knn/top1': stats['knn_top1']})
+            log.scalars(step, **{'knn/top1': stats['knn_top1']})
         if self.vis_image is not None and epoch % args.vis_freq == 0:
-            log.image('attention', attention_figure(backbone, self.vis_image), epoch)
+            log.image('attention', attention_figure(backbone, self.vis_image), step)
         return stats
 
 
@@ -108,7 +124,8 @@ def train_epochs(trainer, data_loader, monitor, start_epoch, start_images):
             start_step = start_images // images_per_step(args) if epoch == start_epoch else 0
             set_epoch(data_loader, epoch, start_batch=start_step * args.accum_iter)
             train_stats = trainer.train_one_epoch(data_loader, epoch, log)
-            epoch_stats = monitor(trainer.teacher.backbone, epoch, log)
+            steps_done = (epoch + 1) * trainer.schedules.iters_per_epoch
+            epoch_stats = monitor(trainer.teacher.backbone, epoch, log, step=steps_done)
             log.epoch({**{f'train_{k}': v for k, v in train_stats.items()}, **epoch_stats, 'epoch': epoch})
             trainer.save(epoch + 1)
             if args.saveckp_freq and epoch % args.saveckp_freq == 0:
@@ -125,12 +142,14 @@ def train_esvit(args):
     config = load_config(args)
     if utils.is_main_process():
         save_config(config, os.path.join(args.output_dir, 'config.yaml'))
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    if utils.is_main_process():
+        utils.save_json(utils.plain_args(args), os.path.join(args.output_dir, 'args.json'))
+    if getattr(args, 'demo_model', False) and args.data_path is not None:
+        print(f"No --arch or --cfg: the demo model ({args.cfg}) with the demo's settings on {args.data_path}")
 
     dataset, data_loader = build_data(args, config)
     trainer = build_trainer(args, config, steps_per_epoch=len(data_loader) // args.accum_iter)
-    print(f"Student and teacher are built: {args.arch} ({config.MODEL.NAME}), "
-          f"{sum(p.numel() for p in trainer.student.parameters()) / 1e6:.1f}M parameters.")
+    print(run_summary(args, config, trainer, len(dataset), len(data_loader) // args.accum_iter))
     start_epoch, start_images = resume(trainer, args, config)
     monitor = EpochMonitor(args, config, dataset)
 

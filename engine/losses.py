@@ -33,6 +33,7 @@ def float32_loss(forward):
 
 class _CenteredDistillationLoss(nn.Module):
     """Teacher temperature schedule and EMA-centering shared by both losses."""
+    monitor = None  # an engine.health.HealthMonitor sees each forward's cross-entropies and teacher probabilities
 
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
                  nepochs, student_temp=0.1, center_momentum=0.9):
@@ -111,6 +112,8 @@ class DINOLoss(_CenteredDistillationLoss):
         ce = self.view_cross_entropy(student_output, teacher_probs)  # 2 x V
         loss = ce[self.pair_mask(ce.device)].mean()
         self.accumulate_center_stats(center=teacher_output)
+        if self.monitor is not None:
+            self.monitor.observe(ce, self.pair_mask(ce.device), teacher_probs)
         return loss
 
 
@@ -235,4 +238,6 @@ class DDINOLoss(_CenteredDistillationLoss):
 
         loss = (0.5 * view_ce + 0.5 * region_ce)[self.pair_mask(view_ce.device)].mean()
         self.accumulate_center_stats(center=t_cls_out, center_grid=t_region_out)
+        if self.monitor is not None:
+            self.monitor.observe(view_ce, self.pair_mask(view_ce.device), t_cls_probs, region_ce, t_region_probs)
         return loss

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 import utils
+from .health import health_summary
 from .optim import cancel_gradients_last_layer, clip_gradients, ema_update, images_per_step
 from .precision import resolve_precision
 
@@ -82,6 +83,7 @@ class Trainer:
         self.ema_student = list(student.parameters())
         self.ema_teacher = list(teacher.parameters())
         self.stop = GracefulStop()  # active around the training loop (engine.loop)
+        self.health = {}  # the health signals of the last step (engine.health), when the loss has a monitor
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -142,6 +144,8 @@ class Trainer:
                 self.backward(loss)
             loss_sum += loss.detach()
         self.optimizer_step(epoch, it)
+        if self.loss_fn.monitor is not None:
+            self.health = self.loss_fn.monitor.end_step(self.loss_fn)
         return utils.global_mean(loss_sum)
 
     def train_one_epoch(self, data_loader, epoch, log):
@@ -155,11 +159,12 @@ class Trainer:
         args = self.args
         steps_per_epoch = self.schedules.iters_per_epoch
         step = steps_per_epoch - len(data_loader) // args.accum_iter  # > 0 when resumed inside this epoch
-        metric_logger = utils.MetricLogger()
+        metric_logger, health_meters = utils.MetricLogger(), utils.MetricLogger()
         header = f'Epoch: [{epoch}/{args.epochs}]'
         micro_batches = []
         for crops, _ in metric_logger.log_every(data_loader, args.print_freq, header,
-                                                args.batch_size_per_gpu * utils.get_world_size()):
+                                                args.batch_size_per_gpu * utils.get_world_size(),
+                                                start=step * args.accum_iter):
             if not micro_batches and utils.any_process(self.stop.signum is not None, args.device):
                 self.save(epoch, step)
                 raise Stopped(self.stop.signum, epoch, step)
@@ -177,10 +182,14 @@ class Trainer:
             log.scalars(it, **{'train/loss': loss, 'train/lr': lr, 'train/wd': wd,
                                'train/momentum': self.schedules.momentum[it],
                                'train/teacher_temp': self.loss_fn.teacher_temp(epoch),
-                               'train/images_per_s': metric_logger.meters['img_per_s'].median})
+                               'train/images_per_s': metric_logger.meters['img_per_s'].median,
+                               **{f'health/{k}': v for k, v in self.health.items() if k != 'entropy_max'}})
+            health_meters.update(**self.health)
         metric_logger.synchronize_between_processes()
         print("Averaged stats:", metric_logger)
-        return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+        if health_meters.meters:
+            print("Health:", health_summary({k: m.global_avg for k, m in health_meters.meters.items()}))
+        return {k: meter.global_avg for k, meter in {**metric_logger.meters, **health_meters.meters}.items()}
 
     # ------------------------------------------------------------------------------------------------------
     # the training state

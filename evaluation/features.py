@@ -39,15 +39,18 @@ def backbone_args_parser():
     p.add_argument('--data_path', default=None, type=str,
                    help='folder with train/ and val/ (or train.zip and val.zip with --zip_mode); '
                         'default: the embedded demo data')
-    p.add_argument('--zip_mode', default=False, type=utils.bool_flag)
+    p.add_argument('--zip_mode', default=False, type=utils.bool_flag,
+                   help='--data_path holds train.zip and val.zip instead of train/ and val/')
     p.add_argument('--image_size', default=224, type=int, help='center crop fed to the backbone')
     p.add_argument('--resize_size', default=None, type=int,
                    help='images are resized to this before the crop (default: image_size * 256 / 224)')
-    p.add_argument('--batch_size_per_gpu', default=128, type=int)
-    p.add_argument('--num_workers', default=10, type=int)
+    p.add_argument('--batch_size_per_gpu', default=128, type=int, help='images per process and batch')
+    p.add_argument('--num_workers', default=10, type=int,
+                   help='DataLoader worker processes per process (at most the CPUs available)')
     p.add_argument('--seed', default=0, type=int,
                    help="seed of a random init (the same on every rank) and of the linear probe's data order")
-    p.add_argument('--dist_url', default='env://', type=str)
+    p.add_argument('--dist_url', default='env://', type=str,
+                   help='init method of the process group (env://: the variables torchrun sets)')
     p.add_argument('--local_rank', '--local-rank', default=0, type=int, help='set by torch.distributed.launch')
     p.add_argument('opts', default=None, nargs=argparse.REMAINDER, help='config overrides: KEY VALUE ...')
     return p

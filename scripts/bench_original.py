@@ -49,22 +49,23 @@ TEACHER_TEMP, CLIP_GRAD, FREEZE_LAST_LAYER = 0.04, 3.0, 1
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser('Original EsViT (microsoft/esvit) training-step benchmark')
+    p = argparse.ArgumentParser('Original EsViT (microsoft/esvit) training-step benchmark',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--original_repo', required=True, help='a checkout of microsoft/esvit')
     p.add_argument('--arch', default='swin_tiny', help='a Swin arch (only the Swin branch of train_esvit is built)')
     p.add_argument('--cfg', default='experiments/imagenet/swin/swin_tiny_patch4_window7_224.yaml',
                    help='the yaml, relative to --original_repo')
-    p.add_argument('--batch_size', type=int, default=4)
-    p.add_argument('--global_size', type=int, default=224)
-    p.add_argument('--local_size', type=int, nargs='+', default=[96])
-    p.add_argument('--local_crops_number', type=int, nargs='+', default=[8])
-    p.add_argument('--out_dim', type=int, default=65536)
+    p.add_argument('--batch_size', type=int, default=4, help='images per step')
+    p.add_argument('--global_size', type=int, default=224, help='side of the 2 global crops')
+    p.add_argument('--local_size', type=int, nargs='+', default=[96], help='sides of the local crops')
+    p.add_argument('--local_crops_number', type=int, nargs='+', default=[8], help='local crops of each size')
+    p.add_argument('--out_dim', type=int, default=65536, help='prototypes of the DINO heads')
     p.add_argument('--use_dense_prediction', type=str.lower, choices=['true', 'false'], default='true',
                    help='true: view + region losses (DDINOLoss), false: view only (DINOLoss)')
     p.add_argument('--ddp', type=str.lower, choices=['true', 'false'], default='true',
                    help='wrap the student in DistributedDataParallel as train_esvit does')
-    p.add_argument('--steps', type=int, default=5)
-    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--steps', type=int, default=5, help='timed steps')
+    p.add_argument('--warmup', type=int, default=2, help='untimed steps first')
     p.add_argument('--json', default='', help='write the results here')
     p.add_argument('opts', nargs=argparse.REMAINDER, help='config overrides KEY VALUE ... (after MODEL.NUM_CLASSES 0)')
     args = p.parse_args(argv)

@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import get_default_config, update_config  # noqa: E402
+from utils import HelpFormatter  # noqa: E402
 from models import build_model  # noqa: E402
 from models.vision_longformer import FullAttention, LongformerAttention  # noqa: E402
 
@@ -48,10 +49,10 @@ def forward_only(fn, *inputs):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--batch', type=int, default=2)
-    parser.add_argument('--size', type=int, default=224)
-    parser.add_argument('--repeats', type=int, default=3)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument('--batch', type=int, default=2, help='images per forward')
+    parser.add_argument('--size', type=int, default=224, help='image side')
+    parser.add_argument('--repeats', type=int, default=3, help='timed repetitions (the best is kept)')
     args = parser.parse_args()
     print(f'torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}, {args.size} px')
 

@@ -31,17 +31,18 @@ sys.path.insert(0, ROOT)
 from config import load_config  # noqa: E402
 from engine import parse_args  # noqa: E402
 from models import build_model  # noqa: E402
+from utils import HelpFormatter  # noqa: E402
 
 
 def get_args():
-    p = argparse.ArgumentParser('ViT backbone: this repository vs the original')
+    p = argparse.ArgumentParser('ViT backbone: this repository vs the original', formatter_class=HelpFormatter)
     p.add_argument('--original_repo', required=True, help='a checkout of microsoft/esvit')
-    p.add_argument('--arch', default='deit_small', choices=['deit_tiny', 'deit_small', 'vit_base'])
-    p.add_argument('--patch_size', type=int, default=16)
-    p.add_argument('--batch_size', type=int, default=4)
-    p.add_argument('--global_size', type=int, default=224)
-    p.add_argument('--local_size', type=int, default=96)
-    p.add_argument('--local_crops_number', type=int, default=8)
+    p.add_argument('--arch', default='deit_small', choices=['deit_tiny', 'deit_small', 'vit_base'], help='ViT size')
+    p.add_argument('--patch_size', type=int, default=16, help='16 or 8')
+    p.add_argument('--batch_size', type=int, default=4, help='images per step')
+    p.add_argument('--global_size', type=int, default=224, help='side of the 2 global crops')
+    p.add_argument('--local_size', type=int, default=96, help='side of the local crops')
+    p.add_argument('--local_crops_number', type=int, default=8, help='local crops')
     p.add_argument('--rounds', type=int, default=5, help='timed (original, ours) pairs after one warm-up pair')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: as torch chooses)')
     return p.parse_args()

@@ -29,15 +29,16 @@ from engine import build_trainer, parse_args  # noqa: E402
 
 
 def get_args():
-    p = argparse.ArgumentParser('EsViT training-step benchmark')
-    p.add_argument('--arch', default='swin_tiny')
-    p.add_argument('--cfg', default='experiments/imagenet/swin/swin_tiny_patch4_window7_224.yaml')
-    p.add_argument('--batch_size', type=int, default=4)
-    p.add_argument('--global_size', type=int, default=224)
-    p.add_argument('--local_size', type=int, nargs='+', default=[96])
-    p.add_argument('--local_crops_number', type=int, nargs='+', default=[8])
-    p.add_argument('--out_dim', type=int, default=65536)
-    p.add_argument('--use_dense_prediction', type=utils.bool_flag, default=True)
+    p = argparse.ArgumentParser('EsViT training-step benchmark', formatter_class=utils.HelpFormatter)
+    p.add_argument('--arch', default='swin_tiny', help="as main_esvit.py's --arch")
+    p.add_argument('--cfg', default='experiments/imagenet/swin/swin_tiny_patch4_window7_224.yaml',
+                   help="as main_esvit.py's --cfg ('' for none)")
+    p.add_argument('--batch_size', type=int, default=4, help='images per step')
+    p.add_argument('--global_size', type=int, default=224, help='side of the 2 global crops')
+    p.add_argument('--local_size', type=int, nargs='+', default=[96], help='sides of the local crops')
+    p.add_argument('--local_crops_number', type=int, nargs='+', default=[8], help='local crops of each size')
+    p.add_argument('--out_dim', type=int, default=65536, help='prototypes of the DINO heads')
+    p.add_argument('--use_dense_prediction', type=utils.bool_flag, default=True, help='V+R (True) or V (False)')
     p.add_argument('--precision', default='fp32', choices=['auto', 'fp32', 'bf16', 'fp16'],
                    help="as main_esvit.py's --precision (auto: its default choice on this device)")
     p.add_argument('--compile', type=utils.bool_flag, default=False, help='torch.compile the backbones')
@@ -46,8 +47,8 @@ def get_args():
     p.add_argument('--flush_denormal', type=utils.bool_flag, default=True,
                    help='flush float32 denormals to zero, as main_esvit.py does')
     p.add_argument('--train_args', default='', help='extra main_esvit.py flags, e.g. "--clip_mode global"')
-    p.add_argument('--steps', type=int, default=5)
-    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--steps', type=int, default=5, help='timed steps')
+    p.add_argument('--warmup', type=int, default=2, help='untimed steps first')
     p.add_argument('--data', type=utils.bool_flag, default=True,
                    help='also time the data pipeline (multi-crop transform + collate) on synthetic photos')
     p.add_argument('--json', default='', help='write the results here')

@@ -29,7 +29,8 @@ from models.interop import library_formats  # noqa: E402
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('Export a pretrained backbone (timm, torchvision or this project\'s keys)')
+    p = argparse.ArgumentParser('Export a pretrained backbone (timm, torchvision or this project\'s keys)',
+                                formatter_class=utils.HelpFormatter)
     p.add_argument('--pretrained_weights', required=True, type=str,
                    help="checkpoint of any layout eval_knn.py reads (this project's, the original's, DINO-style, bare)")
     p.add_argument('--checkpoint_key', default='teacher', type=str,

@@ -100,7 +100,7 @@ def training_state(content):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('What a checkpoint file holds')
+    p = argparse.ArgumentParser('What a checkpoint file holds', formatter_class=utils.HelpFormatter)
     p.add_argument('checkpoint', type=str, help='a .pth or .safetensors file')
     p.add_argument('--all_args', default=False, type=utils.bool_flag,
                    help='True: print every stored argument; False (default): the ones that matter')

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.fashion_mnist import DEMO_SPLITS, DEMO_ZIP, FASHION_MNIST_DIR, fashion_mnist_folder  # noqa: E402
+from utils import HelpFormatter  # noqa: E402
 
 FIXED_TIMESTAMP = (1980, 1, 1, 0, 0, 0)
 
@@ -31,7 +32,7 @@ def write_zip(folder, zip_path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--source', type=Path, default=FASHION_MNIST_DIR, help='folder of the IDX .gz files')
     parser.add_argument('--out', type=Path, default=DEMO_ZIP, help='zip file to write')
     args = parser.parse_args()
