@@ -7,8 +7,10 @@ import os
 import pickle
 import random
 import re
+import shutil
 import sys
 import time
+import zipfile
 from collections import defaultdict, deque
 
 import numpy as np
@@ -377,6 +379,20 @@ def save_checkpoint(state, path, metadata=None):
         os.close(dir_fd)
 
 
+def keep_copy(path, copy_path):
+    """``copy_path`` holds what ``path`` holds now: a hard link where the file system has them (no second write,
+    no extra space; :func:`save_checkpoint` replaces ``path`` by a new file, so the link keeps this content), else
+    a copy; atomically either way. Only the main process writes."""
+    if not is_main_process():
+        return
+    tmp = os.path.join(os.path.dirname(os.path.abspath(copy_path)), f'.{os.path.basename(copy_path)}.tmp{os.getpid()}')
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, copy_path)
+
+
 def _numpy_scalar_globals():
     """What numpy float64 and int64 scalars pickle into: numpy's scalar constructor (under its numpy 1.x and 2.x
     module names: the original's files were written with numpy 1.x), ``np.dtype`` and the classes of the
@@ -427,13 +443,19 @@ def load_checkpoint(path, mmap=False):
         with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
             return _plain_numbers(torch.load(path, map_location='cpu', weights_only=True, mmap=mmap))
     except Exception as e:
-        reason = checkpoint_read_error(e)
+        reason = checkpoint_read_error(e, path)
         raise UserError(f"cannot read checkpoint {path}: {reason}") from None
 
 
-def checkpoint_read_error(error):
-    """Why ``torch.load`` failed, in plain words (torch's own message runs to several sentences)."""
+def checkpoint_read_error(error, path):
+    """Why ``torch.load`` of ``path`` failed, in plain words (torch's own message runs to several sentences)."""
     message = str(error).strip()
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if not head:
+        return "the file is empty"
+    if head == b'PK\x03\x04' and not zipfile.is_zipfile(path):
+        return "the file is truncated (an incomplete copy or an interrupted save?)"
     if 'Unsupported global' in message or 'weights_only' in message:
         culprit = re.search(r'GLOBAL ([\w.]+)', message)
         return (f"it contains pickled objects other than tensors and plain data"

@@ -127,9 +127,9 @@ def train_epochs(trainer, data_loader, monitor, start_epoch, start_images):
             steps_done = (epoch + 1) * trainer.schedules.iters_per_epoch
             epoch_stats = monitor(trainer.teacher.backbone, epoch, log, step=steps_done)
             log.epoch({**{f'train_{k}': v for k, v in train_stats.items()}, **epoch_stats, 'epoch': epoch})
-            trainer.save(epoch + 1)
-            if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-                trainer.save(epoch + 1, name=f'checkpoint{epoch:04}.pth')
+            latest = trainer.save(epoch + 1)
+            if args.saveckp_freq and epoch % args.saveckp_freq == 0:  # the same state: a hard link, not a 2nd write
+                utils.keep_copy(latest, os.path.join(args.output_dir, f'checkpoint{epoch:04}.pth'))
     finally:
         log.close()
 

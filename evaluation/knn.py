@@ -6,6 +6,7 @@ image of ``data_path/train`` (the bank) and ``data_path/val``. A test image's cl
 k most cosine-similar bank images of ``exp(similarity / T)`` for their class.
 """
 import os
+import sys
 
 import torch
 
@@ -60,11 +61,23 @@ FEATURE_FILES = {'train_features': 'trainfeat.pth', 'test_features': 'testfeat.p
                  'train_labels': 'trainlabels.pth', 'test_labels': 'testlabels.pth'}
 
 
+def clamp_ks(ks, bank_size):
+    """The k values, each at most ``bank_size`` (the training images), without repeats; a warning names the
+    ones lowered."""
+    too_large = [k for k in ks if k > bank_size]
+    if too_large:
+        print(f"WARNING: k = {', '.join(map(str, too_large))} exceeds the {bank_size} training images: "
+              f"k = {bank_size} is used instead", file=sys.stderr)
+    return list(dict.fromkeys(min(k, bank_size) for k in ks))
+
+
 def compute_features(args):
-    """Features and labels of data_path/train and data_path/val under the frozen backbone."""
+    """Features and labels of data_path/train and data_path/val under the frozen backbone; ``args.nb_knn``
+    clamped to the training images before any work."""
     transform = eval_transform(args.image_size, args.resize_size)
     train_set, val_set = build_train_val_datasets(args.data_path, transform, transform, args.zip_mode)
     print(f"Data loaded: {len(train_set)} train and {len(val_set)} val images, {len(train_set.classes)} classes.")
+    args.nb_knn = clamp_ks(args.nb_knn, len(train_set))
     backbone = build_frozen_backbone(model_config(args), args.pretrained_weights, args.checkpoint_key)
     backbone.to(args.device)
     result = {}
@@ -108,8 +121,7 @@ def eval_knn(args):
         if args.dump_features:
             save_features(features, args.dump_features)
     num_train = len(features['train_labels'])
-    if max(args.nb_knn) > num_train:
-        raise utils.UserError(f"--nb_knn {max(args.nb_knn)} exceeds the {num_train} training images")
+    args.nb_knn = clamp_ks(args.nb_knn, num_train)  # loaded features: clamped here
     num_classes = int(torch.cat([features['train_labels'], features['test_labels']]).max()) + 1
 
     print(f"Weighted k-NN (T={args.temperature}) on {num_train} train and {len(features['test_labels'])} val images")
@@ -141,8 +153,7 @@ class OnlineKNN:
                  num_workers=2, zip_mode=False):
         transform = eval_transform(image_size, resize_size)
         train_set, val_set = build_train_val_datasets(data_path, transform, transform, zip_mode)
-        if k > len(train_set):
-            raise utils.UserError(f"k-NN with k={k} needs more than the {len(train_set)} images of {data_path}/train")
+        k = clamp_ks([k], len(train_set))[0]
         self.train_loader = build_eval_loader(train_set, batch_size, num_workers)
         self.val_loader = build_eval_loader(val_set, batch_size, num_workers)
         self.num_classes = len(train_set.classes)

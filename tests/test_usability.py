@@ -205,3 +205,92 @@ def test_every_option_has_a_help_with_its_default(script, monkeypatch):
     assert not undocumented, f"{script}: options without help: {undocumented}"
     assert not unmarked, f"{script}: boolean options that do not say True/False: {unmarked}"
     assert '(default:' in parser.format_help()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the demo on one's own folder, k-NN's k, error lines, checkpoint files, the progress counter
+# ---------------------------------------------------------------------------------------------------------
+def test_no_arch_and_no_cfg_trains_the_demo_model_on_the_given_folder(tiny_data, tmp_path, capsys):
+    import json
+    from config import DEMO_CFG
+    from engine.args import DEMO_DEFAULTS
+    out = tmp_path / 'mine'
+    args = run_training(['--data_path', tiny_data, '--output_dir', str(out), '--epochs', '1', '--num_workers', '0',
+                         '--precision', 'fp32', '--out_dim', '256'])
+    printed = capsys.readouterr().out
+    assert args.cfg == DEMO_CFG and args.arch == DEMO_DEFAULTS['arch'] and args.knn_freq == 0
+    assert args.batch_size_per_gpu == DEMO_DEFAULTS['batch_size_per_gpu'] and args.out_dim == 256
+    lines = [line for line in printed.splitlines() if 'No --arch or --cfg' in line]
+    assert lines == [f"No --arch or --cfg: the demo model ({DEMO_CFG}) with the demo's settings on {tiny_data}"]
+    assert f"Data: {tiny_data}, 32 images" in printed and 'None' not in printed.split('Starting')[0]
+    assert json.loads((out / 'args.json').read_text())['data_path'] == tiny_data  # the full dump, not printed
+    assert 'local_crops_scale' not in printed
+
+
+def test_knn_k_is_clamped_to_the_bank_before_the_features(tiny_data, tmp_path, capsys, monkeypatch):
+    import json
+    import evaluation.knn
+    sys.path.insert(0, str(ROOT))
+    from eval_knn import get_args_parser
+    from evaluation import eval_knn, parse_eval_args
+    data = tmp_path / 'data'
+    for split in ('train', 'val'):
+        shutil.copytree(tiny_data, data / split)
+    warned_before = []
+    extract = evaluation.knn.extract_features
+
+    def extract_after_warning(*args, **kwargs):
+        warned_before.append('exceeds the 32 training images' in capsys.readouterr().err)
+        return extract(*args, **kwargs)
+    monkeypatch.setattr(evaluation.knn, 'extract_features', extract_after_warning)
+    argv = [*TINY[:4], '--image_size', '32', '--num_workers', '0', '--data_path', str(data),
+            '--nb_knn', '5', '20', '100', '200', '--output_dir', str(tmp_path / 'knn'), *TINY_OPTS]
+    accuracies = eval_knn(parse_eval_args(get_args_parser(), argv))
+    assert warned_before[0] and list(accuracies) == [5, 20, 32]
+    assert list(json.loads((tmp_path / 'knn' / 'knn.json').read_text())['knn']) == ['5', '20', '32']
+
+
+def test_error_lines_are_short_and_name_the_file_and_cause(tmp_path, capsys):
+    import utils
+    path = tmp_path / 'checkpoint.pth'
+    torch.save({'weights': torch.zeros(200, 200)}, path)
+    path.write_bytes(path.read_bytes()[:5000])  # an interrupted copy
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_main(lambda args: utils.load_checkpoint(str(path)), None)
+    line = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and '\n' not in line and len(line) - len(str(path)) < 100
+    assert str(path) in line and 'truncated' in line
+
+    def long_error(args):
+        raise utils.UserError('x' * 5000 + '\nsecond line')
+    with pytest.raises(SystemExit):
+        utils.run_main(long_error, None)
+    line = capsys.readouterr().err.strip()
+    assert len(line) <= len('error: ') + utils.ERROR_LINE_CHARS and line.endswith(' ...')
+
+
+def test_numbered_checkpoints_link_the_state_and_the_counter_goes_on_after_a_resume(tiny_data, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """--saveckp_freq 1: checkpoint0001.pth is checkpoint.pth's file (a hard link), checkpoint0000.pth keeps
+    epoch 1's state. A run stopped after step 2 of 4 resumes with the counter at [2/4] and an ETA for 2 steps."""
+    from engine.trainer import Trainer
+    out = tmp_path / 'run'
+    argv = command('--epochs', '2', '--data_path', tiny_data, '--output_dir', str(out), '--print_freq', '1')
+    step = Trainer.step
+
+    def step_then_sigterm(self, *micro_batches, epoch, it):
+        if it == 5:  # the second step of the second epoch completes, then the run stops
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, *micro_batches, epoch=epoch, it=it)
+    monkeypatch.setattr(Trainer, 'step', step_then_sigterm)
+    with pytest.raises(SystemExit):
+        run_training(argv)
+    monkeypatch.undo()
+    epoch0, latest = out / 'checkpoint0000.pth', out / 'checkpoint.pth'
+    assert os.stat(epoch0).st_nlink == 1 and torch.load(epoch0, weights_only=True)['epoch'] == 1
+    capsys.readouterr()
+    run_training(argv)
+    counters = [line.split()[2] for line in capsys.readouterr().out.splitlines() if line.startswith('Epoch: [1/2] [')]
+    assert counters == ['[2/4]', '[3/4]']
+    assert os.path.samefile(out / 'checkpoint0001.pth', latest) and not os.path.samefile(epoch0, latest)
+    assert torch.load(epoch0, weights_only=True)['epoch'] == 1 and torch.load(latest, weights_only=True)['epoch'] == 2
