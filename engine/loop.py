@@ -48,7 +48,8 @@ def build_data(args, config):
 
 def run_summary(args, config, trainer, num_images, steps_per_epoch):
     """The few lines that say what this run does (every argument is in output_dir/args.json)."""
-    model = ' '.join(filter(None, [f'--arch {args.arch}' if args.arch else '', f'--cfg {args.cfg}' if args.cfg else '',
+    cfg = args.cfg and (os.path.relpath(args.cfg) if os.path.abspath(args.cfg).startswith(os.getcwd()) else args.cfg)
+    model = ' '.join(filter(None, [f'--arch {args.arch}' if args.arch else '', f'--cfg {cfg}' if cfg else '',
                                    ' '.join(args.opts or [])]))
     loss = 'view + region loss (V+R)' if args.use_dense_prediction else 'view loss (V)'
     precision = str(trainer.autocast_dtype or 'float32').replace('torch.', '')
@@ -56,7 +57,7 @@ def run_summary(args, config, trainer, num_images, steps_per_epoch):
         f"Model: {model} ({config.MODEL.NAME}, {config.TRAIN.IMAGE_SIZE[0]} px), "
         f"{sum(p.numel() for p in trainer.student.parameters()) / 1e6:.3g}M parameters, {loss}, out_dim {args.out_dim}",
         f"Data: {args.data_path or 'the embedded demo data'}, {num_images} images",
-        f"Steps: {args.epochs} epochs x {steps_per_epoch} steps of {images_per_step(args)} images, "
+        f"Steps: {args.epochs} epoch{'s' if args.epochs != 1 else ''} x {steps_per_epoch} steps of {images_per_step(args)} images, "
         f"lr {args.lr} per 256 images, {precision} on {args.device}",
         f"Output: {args.output_dir} (all arguments in args.json)"])
 

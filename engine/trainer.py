@@ -112,7 +112,7 @@ class Trainer:
 
     def optimizer_step(self, epoch, it):
         """lr and weight decay of step ``it``, gradient clipping, the update, the teacher EMA and the centers'
-        update; the gradients are cleared for the next step."""
+        update; the gradients are cleared for the next step and the step's health signals collected."""
         args = self.args
         for i, group in enumerate(self.optimizer.param_groups):
             group['lr'] = float(self.schedules.lr[it])
@@ -131,6 +131,8 @@ class Trainer:
         ema_update(self.ema_teacher, self.ema_student, float(self.schedules.momentum[it]))
         self.loss_fn.update_center()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.loss_fn.monitor is not None:  # the step's health signals (engine.health), with the new centers
+            self.health = self.loss_fn.monitor.end_step(self.loss_fn)
 
     def step(self, *micro_batches, epoch, it):
         """One optimizer step on the crops of one batch, or of K micro-batches (--accum_iter K) whose losses
@@ -144,8 +146,6 @@ class Trainer:
                 self.backward(loss)
             loss_sum += loss.detach()
         self.optimizer_step(epoch, it)
-        if self.loss_fn.monitor is not None:
-            self.health = self.loss_fn.monitor.end_step(self.loss_fn)
         return utils.global_mean(loss_sum)
 
     def train_one_epoch(self, data_loader, epoch, log):

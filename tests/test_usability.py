@@ -294,3 +294,12 @@ def test_numbered_checkpoints_link_the_state_and_the_counter_goes_on_after_a_res
     assert counters == ['[2/4]', '[3/4]']
     assert os.path.samefile(out / 'checkpoint0001.pth', latest) and not os.path.samefile(epoch0, latest)
     assert torch.load(epoch0, weights_only=True)['epoch'] == 1 and torch.load(latest, weights_only=True)['epoch'] == 2
+
+
+def test_workers_are_capped_at_the_cpus_saying_so_once(capsys):
+    from datasets import WorkerLoader
+    from datasets.loader import usable_cpus
+    loaders = [WorkerLoader(range(4), num_workers=10_000, batch_size=2) for _ in range(2)]
+    assert [loader.num_workers for loader in loaders] == [usable_cpus()] * 2
+    assert capsys.readouterr().out.count('--num_workers 10000 capped at') == 1
+    assert WorkerLoader(range(4), num_workers=0).num_workers == 0
