@@ -77,8 +77,8 @@ def compute_features(args):
     transform = eval_transform(args.image_size, args.resize_size)
     train_set, val_set = build_train_val_datasets(args.data_path, transform, transform, args.zip_mode)
     print(f"Data loaded: {len(train_set)} train and {len(val_set)} val images, {len(train_set.classes)} classes.")
-    args.nb_knn = clamp_ks(args.nb_knn, len(train_set))
     backbone = build_frozen_backbone(model_config(args), args.pretrained_weights, args.checkpoint_key)
+    args.nb_knn = clamp_ks(args.nb_knn, len(train_set))
     backbone.to(args.device)
     result = {}
     for split, dataset in (('train', train_set), ('test', val_set)):
