@@ -33,7 +33,7 @@ def bool_flag(s):
     raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {s!r}")
 
 
-ERROR_LINE_CHARS = 300  # an error line longer than this is cut (a library's message can run to paragraphs)
+ERROR_LINE_CHARS = 400  # an error line longer than this is cut (a library's message can run to paragraphs)
 
 
 def error_line(error):
@@ -484,7 +484,7 @@ def load_state_dict_checked(module, state_dict, what):
                   if k in state_dict and hasattr(state_dict[k], 'shape') and state_dict[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
         def short(keys):
-            return ', '.join(keys[:8]) + (f' ... ({len(keys)} in all)' if len(keys) > 8 else '')
+            return ', '.join(keys[:3]) + (f' ... ({len(keys)} in all)' if len(keys) > 3 else '')
         parts = [f"missing keys: {short(missing)}" if missing else '',
                  f"unexpected keys: {short(unexpected)}" if unexpected else '',
                  f"shape mismatch: {short(mismatched)}" if mismatched else '']
