@@ -44,10 +44,12 @@ def error_line(error):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` of the entry scripts: each option's default, and [True/False] for the boolean ones."""
+    """``--help`` of the entry scripts: each option's default (unless its help already says what it is), and
+    [True/False] for the boolean ones."""
 
     def _get_help_string(self, action):
-        text = super()._get_help_string(action)
+        own = action.help or ''
+        text = own if 'default' in own.lower() else super()._get_help_string(action)
         return text if action.type is not bool_flag or 'True/False' in text else f'{text} [True/False]'
 
 

@@ -193,7 +193,7 @@ def test_every_option_has_a_help_with_its_default(script, monkeypatch):
     parser = script_parser(script, monkeypatch)
     assert issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter), script
     formatter = parser._get_formatter()
-    undocumented, unmarked = [], []
+    undocumented, unmarked, no_default = [], [], []
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):
             continue
@@ -202,9 +202,11 @@ def test_every_option_has_a_help_with_its_default(script, monkeypatch):
             undocumented.append(name)
         elif action.type is utils.bool_flag and 'True/False' not in formatter._get_help_string(action):
             unmarked.append(name)
+        elif action.option_strings and 'default' not in formatter._get_help_string(action).lower():
+            no_default.append(name)
     assert not undocumented, f"{script}: options without help: {undocumented}"
     assert not unmarked, f"{script}: boolean options that do not say True/False: {unmarked}"
-    assert '(default:' in parser.format_help()
+    assert not no_default, f"{script}: options whose help does not give the default: {no_default}"
 
 
 # ---------------------------------------------------------------------------------------------------------
