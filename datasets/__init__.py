@@ -33,7 +33,8 @@ from .fashion_mnist import (FASHION_MNIST_CLASSES, demo_data_path, fashion_mnist
                             load_fashion_mnist)
 from .folder import (DataError, ImageFolderDataset, ZipImageFolder, build_dataset)
 from .loader import DistributedEpochSampler, EpochRandomSampler, build_loader, set_epoch, worker_init, worker_nice
-from .transforms import (DataAugmentationDEIT, DataAugmentationDINO, MultiCropTransform, build_transform,
+from .deit_aug import DataAugmentationDEIT
+from .transforms import (DataAugmentationDINO, MultiCropTransform, build_transform,
                          center_view, colour_jitter, denormalize, eval_transform, normalize, probe_train_transform,
                          to_normalized_tensor)
 

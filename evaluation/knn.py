@@ -107,6 +107,8 @@ def eval_knn(args):
         features = compute_features(args)
         if args.dump_features:
             save_features(features, args.dump_features)
+    if not args.use_cuda:  # --use_cuda False: the vote runs on the features in CPU memory
+        features = {name: tensor.cpu() for name, tensor in features.items()}
     num_train = len(features['train_labels'])
     if max(args.nb_knn) > num_train:
         raise utils.UserError(f"--nb_knn {max(args.nb_knn)} exceeds the {num_train} training images")
