@@ -31,7 +31,8 @@ Data sources and licences: see datasets/fashion_mnist.py.
 """
 from .fashion_mnist import (FASHION_MNIST_CLASSES, demo_data_path, fashion_mnist_folder,
                             load_fashion_mnist)
-from .folder import (DataError, ImageFolderDataset, ZipImageFolder, build_dataset)
+from .folder import DataError, ImageFolderDataset, ZipImageFolder
+from .sources import FileImagesDataset, build_dataset, image_list, unlabelled_folder
 from .loader import DistributedEpochSampler, EpochRandomSampler, build_loader, set_epoch, worker_init, worker_nice
 from .deit_aug import DataAugmentationDEIT
 from .transforms import (DataAugmentationDINO, MultiCropTransform, build_transform,
@@ -40,7 +41,8 @@ from .transforms import (DataAugmentationDINO, MultiCropTransform, build_transfo
 
 __all__ = [
     'FASHION_MNIST_CLASSES', 'demo_data_path', 'fashion_mnist_folder', 'load_fashion_mnist',
-    'DataError', 'ImageFolderDataset', 'ZipImageFolder', 'build_dataset',
+    'DataError', 'ImageFolderDataset', 'ZipImageFolder', 'build_dataset', 'FileImagesDataset', 'image_list',
+    'unlabelled_folder',
     'DistributedEpochSampler', 'EpochRandomSampler', 'build_loader', 'set_epoch', 'worker_init', 'worker_nice',
     'DataAugmentationDEIT', 'DataAugmentationDINO', 'MultiCropTransform', 'build_transform',
     'center_view', 'colour_jitter', 'denormalize', 'eval_transform', 'normalize', 'probe_train_transform',
