@@ -8,6 +8,11 @@
         -> ImageFolderDataset(data_path) or ZipImageFolder(data_path if a file else data_path/train.zip);
            items (PIL image in RGB, or 'L' for one grey band, class_index); .num_bad_images, .bad_images;
            DataError for unusable paths
+    dataset = build_dataset(data_path, transform, labelled=False, tsv_mode=False, shard_options=dict(...))
+        -> pre-training: also an unlabelled folder or a list of paths (FileImagesDataset, target -1), the
+           original's TSV files (tsv.TSVDataset, .chunk_sizes) or WebDataset shards (shards.ShardDataset, a
+           stream with its own loader); see datasets/sources.py
+    transform = DataAugmentationDEIT(local_crops_number, local_crops_size, global_crops_size, **timm_options)
     to_normalized_tensor(pil_image) -> 3 x H x W, ImageNet-normalised (the last step of every transform)
     normalize(images) / denormalize(images)  # [0, 1] RGB tensors <-> the backbone's input
     eval_transform(image_size, resize_size=None)  # the evaluation view: resize, center crop, normalise
@@ -15,7 +20,7 @@
     probe_train_transform(image_size)             # the linear probe's training view
     colour_jitter()                               # the colour steps of DINO's views (a list of PIL transforms)
     loader = build_loader(dataset, batch_size, num_workers, distributed: bool, seed=0, drop_last=True,
-                          step_batches=1, nice=worker_nice(device))
+                          step_batches=1, nice=worker_nice(device), sampler='distributed' | 'chunk')
         -> DataLoader with DistributedEpochSampler (distributed) or EpochRandomSampler; the same global
            order and per-sample augmentation seeds (seed, epoch, index) for any number of processes;
            pinned memory when CUDA is available; epochs of whole steps of `step_batches` micro-batches;

@@ -1,7 +1,8 @@
 """Where the pre-training images come from, behind one ``build_dataset``:
 
     class folders (ImageFolder)              --data_path DIR with DIR/<class>/.../<image>
-    an unlabelled folder                      --data_path DIR with images at any depth and no class folders
+    an unlabelled folder                      --data_path DIR with images at its top level, or any tree that
+                                              ImageFolder cannot read as classes: every image at any depth
     a zip of class folders                    --zip_mode True (datasets/folder.py)
     a text file of image paths                --data_path LIST.txt: one path per line (relative to the list's
                                               folder or absolute), optionally followed by an integer label

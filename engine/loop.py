@@ -26,6 +26,8 @@ def check_args(args):
                               f"{args.local_crops_size} must have the same length")
     if args.knn_freq < 0:
         raise utils.UserError(f"--knn_freq must be 0 (never) or a number of epochs, got {args.knn_freq}")
+    if args.zip_mode and args.tsv_mode:
+        raise utils.UserError("--zip_mode and --tsv_mode exclude each other: say which one --data_path is")
     if args.knn_freq and args.knn_data_path is None and args.data_path is not None:
         raise utils.UserError("--knn_freq needs --knn_data_path (a folder with train/ and val/)")
 

@@ -140,6 +140,31 @@ def test_shards_deal_every_image_once_per_epoch_over_processes_and_workers(shard
     assert [image.tobytes() for image, _ in dataset.stream(0, 0, 1)] == orders[1][2:]
 
 
+def test_shards_stream_from_a_pipe_and_a_url(shards):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from datasets.shards import ShardDataset
+    folder = os.path.dirname(shards)
+    local = ShardDataset(shards, transform=None, shuffle_buffer=0)
+    local.configure(batch_size=4)
+    expected = [image.tobytes() for image, _ in local.stream(0, 0, 1)]
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=folder)
+    handler.log_message = lambda *args: None
+    server = ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sources = [f"pipe:cat {shards}"]
+    if shutil.which('curl'):  # webdataset reads URLs through curl
+        sources.append(f"http://127.0.0.1:{server.server_address[1]}/{os.path.basename(shards)}")
+    try:
+        for source in sources:
+            remote = ShardDataset(source, transform=None, shuffle_buffer=0, epoch_images=8)
+            remote.configure(batch_size=4)
+            assert [image.tobytes() for image, _ in remote.stream(0, 0, 1)] == expected, source
+    finally:
+        server.shutdown()
+
+
 def two_process_run(argv, out):
     result = subprocess.run([sys.executable, 'main_esvit_mnodes.py', '--num_gpus_per_node', '2'] + argv, cwd=ROOT,
                             env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True, timeout=300)
