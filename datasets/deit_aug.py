@@ -14,7 +14,7 @@ from timm.data import create_transform
 import utils
 from .transforms import MultiCropTransform, local_crop_groups
 
-INTERPOLATIONS = ('random', 'bilinear', 'bicubic')
+INTERPOLATIONS = ('random', 'bilinear', 'bicubic', 'nearest', 'box', 'hamming', 'lanczos')  # timm's names
 RANDOM_ERASING_MODES = ('pixel', 'rand', 'const')
 
 
