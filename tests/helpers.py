@@ -77,14 +77,3 @@ def subset_folder(source, root, per_class):
             shutil.copy(os.path.join(source, cls, name), os.path.join(root, cls, name))
     return str(root)
 
-
-def stop_in_epoch(monkeypatch, epoch, exception):
-    """Make Trainer.train_one_epoch raise ``exception`` when it starts ``epoch`` (a run killed there)."""
-    from engine.trainer import Trainer
-    train_one_epoch = Trainer.train_one_epoch
-
-    def stopped(self, data_loader, this_epoch, log):
-        if this_epoch == epoch:
-            raise exception
-        return train_one_epoch(self, data_loader, this_epoch, log)
-    monkeypatch.setattr(Trainer, 'train_one_epoch', stopped)
