@@ -196,6 +196,9 @@ class ShardDataset(IterableDataset):
 
     def build_loader(self, batch_size, num_workers, step_batches=1, nice=0):
         """The loader of this stream: batches of ``batch_size``, epochs of whole steps of ``step_batches``."""
+        if len(self.urls) < self.world_size * max(num_workers, 1):
+            raise DataError(f"{len(self.urls)} shards are fewer than {self.world_size} processes x "
+                            f"{max(num_workers, 1)} loader workers: write more shards or lower --num_workers")
         self.configure(batch_size, step_batches)
         return DataLoader(self, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                           drop_last=True, worker_init_fn=functools.partial(worker_init, nice=nice))

@@ -218,6 +218,8 @@ def test_bad_shards_missing_lineidx_and_empty_lists_are_one_line_errors(shards, 
         command('--data_path', str(bad / 'train-{000000..000001}.tar'), '--output_dir', out), capsys)
     assert 'shard' in run_error(command('--data_path', str(bad / 'train-{000000..000009}.tar'), '--output_dir', out),
                                 capsys)
+    assert '1 shards are fewer than 1 processes x 2 loader workers' in run_error(
+        command('--data_path', str(bad / 'train-000000.tar'), '--num_workers', '2', '--output_dir', out), capsys)
     assert '--shard_epoch_images' in run_error(
         command('--data_path', f'pipe:cat {bad}/train-000000.tar', '--output_dir', out), capsys)
     tsv = tmp_path / 'tsv'
