@@ -25,6 +25,9 @@ def get_args_parser():
     p.add_argument('--load_features', default=None, type=str, help='use the features saved in this folder')
     p.add_argument('--output_dir', default=None, type=str,
                    help='where knn.json goes (default: the --dump_features or --load_features folder, else .)')
+    p.add_argument('--use_cuda', default=True, type=utils.bool_flag,
+                   help='keep the features on the GPU for the vote; False: in CPU memory, for banks that do not '
+                        'fit (default: True)')
     return p
 
 

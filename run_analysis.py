@@ -66,13 +66,30 @@ def get_args_parser():
     p.add_argument('--batch_size_per_gpu', default=64, type=int, help='images per batch of --measure_correspondence')
     p.add_argument('--num_workers', default=4, type=int,
                    help='DataLoader workers of --measure_correspondence (at most the CPUs available)')
+    add_original_only_args(p)
     p.add_argument('opts', default=None, nargs=argparse.REMAINDER, help='config overrides: KEY VALUE ...')
     return p
 
 
+def add_original_only_args(p):
+    """Flags of the original's analyze_models.py kept so that its command lines parse; see parse_args."""
+    p.add_argument('--use_saved_aug', default=False, type=utils.bool_flag,
+                   help="the original's saved augmented view pairs; not supported (True is an error): give the "
+                        "second view with --image_path2 (default: False)")
+    p.add_argument('--vis_entropy', default=False, type=utils.bool_flag,
+                   help="the original's attention-entropy pictures; not supported (True is an error) "
+                        "(default: False)")
+    p.add_argument('--rank', default=0, type=int, help='accepted and ignored, as in the original (default: 0)')
+
+
 def parse_args(argv=None):
-    return argparse.ArgumentParser('EsViT analysis', parents=[get_args_parser()],
-                                   formatter_class=utils.HelpFormatter).parse_args(argv)
+    parser = argparse.ArgumentParser('EsViT analysis', parents=[get_args_parser()],
+                                     formatter_class=utils.HelpFormatter)
+    args = parser.parse_args(argv)
+    for flag in ('use_saved_aug', 'vis_entropy'):
+        if getattr(args, flag):
+            parser.error(f"--{flag} True is not supported here (see --help)")
+    return args
 
 
 if __name__ == '__main__':

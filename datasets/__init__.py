@@ -8,6 +8,11 @@
         -> ImageFolderDataset(data_path) or ZipImageFolder(data_path if a file else data_path/train.zip);
            items (PIL image in RGB, or 'L' for one grey band, class_index); .num_bad_images, .bad_images;
            DataError for unusable paths
+    dataset = build_dataset(data_path, transform, labelled=False, tsv_mode=False, shard_options=dict(...))
+        -> pre-training: also an unlabelled folder or a list of paths (FileImagesDataset, target -1), the
+           original's TSV files (tsv.TSVDataset, .chunk_sizes) or WebDataset shards (shards.ShardDataset, a
+           stream with its own loader); see datasets/sources.py
+    transform = DataAugmentationDEIT(local_crops_number, local_crops_size, global_crops_size, **timm_options)
     to_normalized_tensor(pil_image) -> 3 x H x W, ImageNet-normalised (the last step of every transform)
     normalize(images) / denormalize(images)  # [0, 1] RGB tensors <-> the backbone's input
     eval_transform(image_size, resize_size=None)  # the evaluation view: resize, center crop, normalise
@@ -15,7 +20,7 @@
     probe_train_transform(image_size)             # the linear probe's training view
     colour_jitter()                               # the colour steps of DINO's views (a list of PIL transforms)
     loader = build_loader(dataset, batch_size, num_workers, distributed: bool, seed=0, drop_last=True,
-                          step_batches=1, nice=worker_nice(device))
+                          step_batches=1, nice=worker_nice(device), sampler='distributed' | 'chunk')
         -> DataLoader with DistributedEpochSampler (distributed) or EpochRandomSampler; the same global
            order and per-sample augmentation seeds (seed, epoch, index) for any number of processes;
            pinned memory when CUDA is available; epochs of whole steps of `step_batches` micro-batches;
@@ -33,16 +38,19 @@ Data sources and licences: see datasets/fashion_mnist.py.
 """
 from .fashion_mnist import (FASHION_MNIST_CLASSES, demo_data_path, fashion_mnist_folder,
                             load_fashion_mnist)
-from .folder import (DataError, ImageFolderDataset, ZipImageFolder, build_dataset)
+from .folder import DataError, ImageFolderDataset, ZipImageFolder
+from .sources import FileImagesDataset, build_dataset, image_list, unlabelled_folder
 from .loader import (DistributedEpochSampler, EpochRandomSampler, WorkerLoader, build_loader, cap_workers, set_epoch,
                      worker_init, worker_nice)
-from .transforms import (DataAugmentationDEIT, DataAugmentationDINO, MultiCropTransform, build_transform,
+from .deit_aug import DataAugmentationDEIT
+from .transforms import (DataAugmentationDINO, MultiCropTransform, build_transform,
                          center_view, colour_jitter, denormalize, eval_transform, normalize, probe_train_transform,
                          to_normalized_tensor)
 
 __all__ = [
     'FASHION_MNIST_CLASSES', 'demo_data_path', 'fashion_mnist_folder', 'load_fashion_mnist',
-    'DataError', 'ImageFolderDataset', 'ZipImageFolder', 'build_dataset',
+    'DataError', 'ImageFolderDataset', 'ZipImageFolder', 'build_dataset', 'FileImagesDataset', 'image_list',
+    'unlabelled_folder',
     'DistributedEpochSampler', 'EpochRandomSampler', 'WorkerLoader', 'build_loader', 'cap_workers', 'set_epoch',
     'worker_init', 'worker_nice',
     'DataAugmentationDEIT', 'DataAugmentationDINO', 'MultiCropTransform', 'build_transform',

@@ -191,13 +191,26 @@ def worker_nice(device):
     return 19 if device.type == 'cpu' else 0
 
 
-def build_loader(dataset, batch_size, num_workers, distributed, seed=0, drop_last=True, step_batches=1, nice=0):
+def build_loader(dataset, batch_size, num_workers, distributed, seed=0, drop_last=True, step_batches=1, nice=0,
+                 sampler='distributed'):
     """Shuffling loader; call :func:`set_epoch` before each epoch. With ``step_batches`` K (gradient
     accumulation) an epoch holds a whole number of K micro-batches; ``nice``: see :func:`worker_init`.
+    ``sampler`` 'chunk': datasets/samplers.py (the chunks are ``dataset.chunk_sizes``, else the whole dataset).
+    A stream (WebDataset shards) builds its own loader.
 
     Workers are started anew each epoch (not persistent), so they see the epoch set by :func:`set_epoch`.
     """
-    sampler = DistributedEpochSampler(dataset, seed=seed) if distributed else EpochRandomSampler(dataset, seed=seed)
+    if hasattr(dataset, 'build_loader'):
+        return dataset.build_loader(batch_size, num_workers, step_batches, nice)
+    if sampler == 'chunk':
+        from .samplers import ChunkEpochSampler
+        import utils
+        sampler = ChunkEpochSampler(getattr(dataset, 'chunk_sizes', [len(dataset)]), seed=seed,
+                                    num_replicas=utils.get_world_size(), rank=utils.get_rank())
+    elif distributed:
+        sampler = DistributedEpochSampler(dataset, seed=seed)
+    else:
+        sampler = EpochRandomSampler(dataset, seed=seed)
     sampler.batch_size, sampler.step_batches = batch_size, step_batches
     loader = WorkerLoader(PerSampleSeeds(dataset, seed), sampler=sampler, batch_size=batch_size,
                           num_workers=num_workers, nice=nice, pin_memory=torch.cuda.is_available(),
@@ -209,6 +222,9 @@ def build_loader(dataset, batch_size, num_workers, distributed, seed=0, drop_las
 def set_epoch(loader, epoch, start_batch=0):
     """Order and augmentations of ``epoch`` (functions of seed, epoch and sample index only), from this
     process's micro-batch ``start_batch`` on (a mid-epoch resume)."""
+    if hasattr(loader.dataset, 'build_loader'):  # a stream: it deals out its own epochs
+        loader.dataset.set_epoch(epoch, start_batch)
+        return
     loader.sampler.set_epoch(epoch)
     loader.sampler.start = start_batch * loader.batch_size
     loader.dataset.epoch = epoch

@@ -151,40 +151,14 @@ class DataAugmentationDINO(MultiCropTransform):
         super().__init__(global_views, local_views, global_crops_size, local_groups)
 
 
-class DataAugmentationDEIT(MultiCropTransform):
-    """DeiT training transform (timm: RandAugment, colour jitter, random erasing) for every view, of the
-    image in RGB (timm's steps expect three bands)."""
-
-    def __init__(self, local_crops_number, local_crops_size=96, global_crops_size=224, color_jitter=0.4,
-                 auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic', re_prob=0.25, re_mode='pixel',
-                 re_count=1):
-        from timm.data import create_transform
-
-        def view(size):
-            return create_transform(input_size=size, is_training=True, color_jitter=color_jitter,
-                                    auto_augment=auto_augment, interpolation=interpolation,
-                                    re_prob=re_prob, re_mode=re_mode, re_count=re_count)
-
-        local_groups = local_crop_groups(local_crops_number, local_crops_size)
-        super().__init__([view(global_crops_size), view(global_crops_size)],
-                         [view(size) for _, size in local_groups], global_crops_size, local_groups)
-
-    def __call__(self, image):
-        return super().__call__(image.convert('RGB'))
-
-
 def _dino_from_args(args, global_crops_size):
     return DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                                 args.local_crops_size, global_crops_size)
 
 
 def _deit_from_args(args, global_crops_size):
-    return DataAugmentationDEIT(args.local_crops_number, args.local_crops_size, global_crops_size,
-                                color_jitter=getattr(args, 'color_jitter', 0.4),
-                                auto_augment=getattr(args, 'aa', 'rand-m9-mstd0.5-inc1'),
-                                interpolation=getattr(args, 'train_interpolation', 'bicubic'),
-                                re_prob=getattr(args, 'reprob', 0.25), re_mode=getattr(args, 'remode', 'pixel'),
-                                re_count=getattr(args, 'recount', 1))
+    from .deit_aug import deit_from_args  # datasets/deit_aug.py builds on MultiCropTransform
+    return deit_from_args(args, global_crops_size)
 
 
 AUGMENTATIONS = {'dino_aug': _dino_from_args, 'deit_aug': _deit_from_args}

@@ -140,8 +140,68 @@ def get_args_parser():
     p.add_argument('--dist_url', default='env://', type=str,
                    help='init method of the process group (env://: the variables torchrun sets)')
     p.add_argument('--local_rank', '--local-rank', default=0, type=int, help='set by torch.distributed.launch')
+    add_augmentation_args(p)
+    add_data_source_args(p)
     p.add_argument('opts', default=None, nargs=argparse.REMAINDER, help='config overrides: KEY VALUE ...')
     return p
+
+
+def add_augmentation_args(p):
+    """The original's DeiT augmentation and mixup flags (its names and defaults; datasets/deit_aug.py,
+    engine/mixup.py)."""
+    deit = p.add_argument_group('DeiT augmentation (with --aug-opt deit_aug: timm\'s training transform for every '
+                                'view, the crops sized by --local_crops_size and the yaml\'s image size)')
+    deit.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT',
+                      help='colour jitter factor (default: 0.4; ignored while --aa is set, as in timm)')
+    deit.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
+                      help='timm auto-augment policy: rand-..., augmix-..., v0, original, or none '
+                           '(default: rand-m9-mstd0.5-inc1)')
+    deit.add_argument('--train-interpolation', type=str, default='bicubic',
+                      help='resize interpolation of the random crops: random, bilinear or bicubic (default: bicubic)')
+    deit.add_argument('--reprob', type=float, default=0.25, metavar='PCT',
+                      help='random-erasing probability (default: 0.25)')
+    deit.add_argument('--remode', type=str, default='pixel', choices=['pixel', 'rand', 'const'],
+                      help='random-erasing fill: pixel, rand or const (default: pixel)')
+    deit.add_argument('--recount', type=int, default=1, help='random-erasing count (default: 1)')
+    deit.add_argument('--resplit', action='store_true', default=False,
+                      help='accepted and without effect, as in the original and DeiT: it only spares the clean '
+                           'split of AugMix split batches, which neither uses (default: False)')
+    mix = p.add_argument_group('mixup / cutmix of the student\'s views (targets: the images of the batch)')
+    mix.add_argument('--use_mixup', type=utils.bool_flag, default=False,
+                     help='mix the images of the batch in the first --num_mixup_views student views; the teacher '
+                          'sees them unmixed (default: False)')
+    mix.add_argument('--num_mixup_views', type=int, default=10,
+                     help='how many student views (globals first) are mixed (default: 10)')
+    mix.add_argument('--mixup', type=float, default=0.8, help='mixup alpha, mixup enabled if > 0 (default: 0.8)')
+    mix.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha, cutmix enabled if > 0 (default: 1.0)')
+    mix.add_argument('--cutmix-minmax', type=float, nargs='+', default=None,
+                     help='cutmix min/max box ratio, overrides alpha and enables cutmix if set (default: None)')
+    mix.add_argument('--mixup-prob', type=float, default=1.0,
+                     help='probability of mixing a view at all (default: 1.0)')
+    mix.add_argument('--mixup-switch-prob', type=float, default=0.5,
+                     help='probability of cutmix instead of mixup when both are enabled (default: 0.5)')
+    mix.add_argument('--mixup-mode', type=str, default='batch', choices=['batch', 'pair', 'elem'],
+                     help='one mixing weight per view (batch), per image pair (pair) or per image (elem) '
+                          '(default: batch)')
+    mix.add_argument('--smoothing', type=float, default=0.0,
+                     help='label smoothing of the mixing targets over the batch (default: 0.0)')
+
+
+def add_data_source_args(p):
+    """Where the images come from besides --data_path and --zip_mode (datasets/sources.py, tsv.py, shards.py)."""
+    data = p.add_argument_group('data sources')
+    data.add_argument('--tsv_mode', type=utils.bool_flag, default=False,
+                      help='--data_path is the original\'s TSV layout: train.tsv, a folder of .tsv files or one '
+                           '.tsv, lines of key, label, base64 image, with .lineidx offsets beside (default: False)')
+    data.add_argument('--sampler', default='distributed', choices=['distributed', 'chunk'],
+                      help='distributed: one shuffled order of all images; chunk: chunk by chunk (one chunk per '
+                           '.tsv file), shuffled inside each, so a step reads one file (default: distributed)')
+    data.add_argument('--shard_epoch_images', default=0, type=int,
+                      help='WebDataset shards: images per epoch (all processes), which fixes the steps per epoch; '
+                           '0 counts the images of local shards once at start (default: 0)')
+    data.add_argument('--shard_shuffle_buffer', default=1000, type=int,
+                      help='WebDataset shards: samples held in each loader worker\'s shuffle buffer '
+                           '(default: 1000; 0: shard order only)')
 
 
 def parse_args(argv=None):

@@ -9,6 +9,7 @@ import utils
 from models import DINOHead, MultiCropWrapper, build_model, convert_sync_batchnorm
 from .health import HealthMonitor
 from .losses import DDINOLoss, DINOLoss
+from .mixup import build_view_mixup
 from .optim import Schedules, build_optimizer
 from .trainer import Trainer, has_batchnorms
 
@@ -57,4 +58,4 @@ def build_trainer(args, config, steps_per_epoch):
     been through ``utils.init_distributed_mode`` (it sets ``args.device``)."""
     student, teacher = build_student_teacher(args, config)
     return Trainer(args, student, teacher, build_loss(args), build_optimizer(args, student),
-                   Schedules(args, steps_per_epoch))
+                   Schedules(args, steps_per_epoch), view_mixup=build_view_mixup(args))

@@ -26,6 +26,8 @@ def check_args(args):
                               f"{args.local_crops_size} must have the same length")
     if args.knn_freq < 0:
         raise utils.UserError(f"--knn_freq must be 0 (never) or a number of epochs, got {args.knn_freq}")
+    if args.zip_mode and args.tsv_mode:
+        raise utils.UserError("--zip_mode and --tsv_mode exclude each other: say which one --data_path is")
     if args.knn_freq and args.knn_data_path is None and args.data_path is not None:
         raise utils.UserError("--knn_freq needs --knn_data_path (a folder with train/ and val/)")
 
@@ -34,10 +36,13 @@ def build_data(args, config):
     """(dataset, loader) of the multi-crop views of --data_path (default: the demo data)."""
     data_path = args.data_path or demo_data_path('train')
     transform = build_transform(args, global_crops_size=config.TRAIN.IMAGE_SIZE[0])
-    dataset = build_dataset(data_path, transform, zip_mode=args.zip_mode, on_bad_image=args.on_bad_image)
+    dataset = build_dataset(data_path, transform, zip_mode=args.zip_mode, on_bad_image=args.on_bad_image,
+                            tsv_mode=args.tsv_mode, labelled=False,
+                            shard_options=dict(seed=args.seed, epoch_images=args.shard_epoch_images,
+                                               shuffle_buffer=args.shard_shuffle_buffer))
     data_loader = build_loader(dataset, args.batch_size_per_gpu, args.num_workers,
                                distributed=utils.get_world_size() > 1, seed=args.seed, step_batches=args.accum_iter,
-                               nice=worker_nice(args.device) if args.nice_workers else 0)
+                               nice=worker_nice(args.device) if args.nice_workers else 0, sampler=args.sampler)
     if len(data_loader) == 0:
         raise utils.UserError(f"{len(dataset)} images in {data_path} are fewer than one optimizer step of "
                               f"{images_per_step(args)}: lower --batch_size_per_gpu or --accum_iter")
@@ -100,7 +105,9 @@ class EpochMonitor:
                                         num_workers=args.num_workers, zip_mode=args.zip_mode)
         self.vis_image = None
         if args.vis_freq:
-            self.vis_image = normalize(network_input(dataset.read_image(dataset.samples[0][0]), image_size))
+            first_image = (dataset.first_image() if hasattr(dataset, 'first_image')  # a stream of shards
+                           else dataset.read_image(dataset.samples[0][0]))
+            self.vis_image = normalize(network_input(first_image, image_size))
 
     def __call__(self, backbone, epoch, log, step):
         """Stats of ``epoch`` (its k-NN accuracy, or none); pictures go to TensorBoard at ``step``, the optimizer

@@ -21,13 +21,14 @@ import torch.nn.functional as F
 
 
 def float32_loss(forward):
-    """Run a loss's ``forward(student_output, teacher_output, epoch)`` with autocast off: under bf16 autocast
-    the 65536-wide matched dot products and similarities would be bf16 matmuls, 3e-4 off the float32 loss."""
+    """Run a loss's ``forward(student_output, teacher_output, epoch, mix_targets=None)`` with autocast off: under
+    bf16 autocast the 65536-wide matched dot products and similarities would be bf16 matmuls, 3e-4 off the
+    float32 loss."""
     @functools.wraps(forward)
-    def run(self, student_output, teacher_output, epoch):
+    def run(self, student_output, teacher_output, epoch, mix_targets=None):
         first = student_output[0] if isinstance(student_output, (tuple, list)) else student_output
         with torch.autocast(first.device.type, enabled=False):
-            return forward(self, student_output, teacher_output, epoch)
+            return forward(self, student_output, teacher_output, epoch, mix_targets)
     return run
 
 
@@ -59,15 +60,20 @@ class _CenteredDistillationLoss(nn.Module):
         torch.sub(teacher_out.detach(), center, out=centered)                          # one pass
         return F.softmax(centered.div_(self.teacher_temp(epoch)), dim=-1)
 
-    def view_cross_entropy(self, student_cls_out, teacher_cls_probs):
+    def view_cross_entropy(self, student_cls_out, teacher_cls_probs, mix_targets=None):
         """[2 x ncrops] matrix of batch-mean cross-entropies, teacher view i against student view v.
 
         student_cls_out: (ncrops*B) x K raw head outputs; teacher_cls_probs: (2*B) x K probabilities.
+        mix_targets (--use_mixup, engine/mixup.py): V x B x B, row b of view v = the share of each image of the
+        batch in student image b; its teacher target is the same mixture of the teacher's distributions.
         """
         student_logp = F.log_softmax(student_cls_out.float() / self.student_temp, dim=-1)
         student_logp = student_logp.view(self.ncrops, -1, student_logp.shape[-1])   # V x B x K
         teacher_probs = teacher_cls_probs.view(2, -1, teacher_cls_probs.shape[-1])  # 2 x B x K
-        return -torch.einsum('tbk,vbk->tv', teacher_probs, student_logp) / student_logp.shape[1]
+        if mix_targets is None:
+            return -torch.einsum('tbk,vbk->tv', teacher_probs, student_logp) / student_logp.shape[1]
+        dots = torch.einsum('tik,vjk->tvji', teacher_probs, student_logp)            # 2 x V x B x B
+        return -(dots * mix_targets.float()).sum(dim=(-2, -1)) / student_logp.shape[1]
 
     def pair_mask(self, device):
         """[2 x ncrops] boolean: True for (teacher view i, student view v) with v != i."""
@@ -107,9 +113,9 @@ class DINOLoss(_CenteredDistillationLoss):
     view and the student's distribution of every other view, averaged over pairs."""
 
     @float32_loss
-    def forward(self, student_output, teacher_output, epoch):
+    def forward(self, student_output, teacher_output, epoch, mix_targets=None):
         teacher_probs = self.teacher_probs(teacher_output, self.center, epoch)
-        ce = self.view_cross_entropy(student_output, teacher_probs)  # 2 x V
+        ce = self.view_cross_entropy(student_output, teacher_probs, mix_targets)  # 2 x V
         loss = ce[self.pair_mask(ce.device)].mean()
         self.accumulate_center_stats(center=teacher_output)
         if self.monitor is not None:
@@ -189,6 +195,11 @@ class DDINOLoss(_CenteredDistillationLoss):
 
     ``local_crops_number`` lists the number of local crops of each local size, in crop order (default:
     one size, ``ncrops - 2`` crops, as the original).
+
+    With mixup targets (V x B x B) the view term compares each student image with the same mixture of teacher
+    distributions, and the region term of student image b is the mixture, with weights ``target[b, b]`` and
+    ``target[b, B-1-b]`` (timm's partner; renormalised, so label smoothing's spread over other images is left
+    out), of its region terms against teacher image b and teacher image B-1-b.
     """
 
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
@@ -202,7 +213,7 @@ class DDINOLoss(_CenteredDistillationLoss):
         self.crops_per_group = [2] + [n for n in local_crops_number if n > 0]
 
     @float32_loss
-    def forward(self, student_output, teacher_output, epoch):
+    def forward(self, student_output, teacher_output, epoch, mix_targets=None):
         s_cls_out, s_region_out, s_fea, s_npatch = student_output
         t_cls_out, t_region_out, t_fea, t_npatch = teacher_output
         crops_per_group = self.crops_per_group
@@ -215,7 +226,7 @@ class DDINOLoss(_CenteredDistillationLoss):
                              f"{list(s_npatch)} x batch {batch} = {expected_rows} rows")
 
         t_cls_probs = self.teacher_probs(t_cls_out, self.center, epoch)
-        view_ce = self.view_cross_entropy(s_cls_out, t_cls_probs)                      # 2 x V
+        view_ce = self.view_cross_entropy(s_cls_out, t_cls_probs, mix_targets)         # 2 x V
 
         C, K = t_fea.shape[-1], t_region_out.shape[-1]
         t_region_by_image = t_region_out.view(2, batch, n_teacher_tokens, K).transpose(0, 1)  # B x 2 x T_t x K
@@ -225,15 +236,29 @@ class DDINOLoss(_CenteredDistillationLoss):
 
         # per resolution group: for every student region token and teacher view, the teacher token of that
         # view and image whose backbone feature is most cosine-similar, and the cross-entropy against it
+        teachers = [(t_region_probs, t_region_mass, t_fea_unit)]
+        if mix_targets is not None:  # the mixing partner of image b is image B-1-b (timm's flip)
+            teachers.append((t_region_probs.flip(0), t_region_mass.flip(0), t_fea_unit.flip(1)))
+            self_share = mix_targets.diagonal(dim1=-2, dim2=-1).float()                  # V x B
+            partner_share = mix_targets.flip(-1).diagonal(dim1=-2, dim2=-1).float()       # V x B
+            shares = torch.stack([self_share, partner_share]) / (self_share + partner_share)  # 2 x V x B
+
         region_ce = []
         rows = [batch * c * n for c, n in zip(crops_per_group, s_npatch)]
+        first_crop = 0
         for c, n, s_fea_group, s_region_group in zip(crops_per_group, s_npatch, s_fea.split(rows),
                                                      s_region_out.split(rows)):
             s_fea_unit = F.normalize(s_fea_group.detach().float(), dim=-1).view(c, batch, n, C)
-            sim = torch.einsum('cbsd,vbtd->vcbst', s_fea_unit, t_fea_unit)               # 2 x c x B x T_s x T_t
-            ce = MatchedCrossEntropy.apply(s_region_group.view(c, batch, n, K), t_region_probs, t_region_mass,
-                                           sim.argmax(dim=-1), self.student_temp)        # 2 x c x B x T_s
-            region_ce.append(ce.flatten(2).mean(-1))                                    # 2 x c
+            group_ce = 0.
+            for source, (probs, mass, fea_unit) in enumerate(teachers):
+                sim = torch.einsum('cbsd,vbtd->vcbst', s_fea_unit, fea_unit)             # 2 x c x B x T_s x T_t
+                ce = MatchedCrossEntropy.apply(s_region_group.view(c, batch, n, K), probs, mass,
+                                               sim.argmax(dim=-1), self.student_temp)    # 2 x c x B x T_s
+                if mix_targets is not None:
+                    ce = ce * shares[source, first_crop:first_crop + c, :, None]
+                group_ce = group_ce + ce
+            region_ce.append(group_ce.flatten(2).mean(-1))                              # 2 x c
+            first_crop += c
         region_ce = torch.cat(region_ce, dim=1)                                         # 2 x V
 
         loss = (0.5 * view_ce + 0.5 * region_ce)[self.pair_mask(view_ce.device)].mean()

@@ -68,8 +68,9 @@ class Trainer:
     gradient, and every process updates it identically), the loss with its centers, the optimizer, the per-step
     schedules and, for fp16, the gradient scaler. Also what scripts/benchmark.py times."""
 
-    def __init__(self, args, student, teacher, loss_fn, optimizer, schedules):
+    def __init__(self, args, student, teacher, loss_fn, optimizer, schedules, view_mixup=None):
         self.args = args
+        self.view_mixup = view_mixup  # --use_mixup: mixes the student's views (engine/mixup.py)
         self.student, self.teacher, self.loss_fn, self.optimizer = student, teacher, loss_fn, optimizer
         self.schedules = schedules
         # forward and backward go through DDP, which averages the gradients over processes
@@ -94,11 +95,12 @@ class Trainer:
         """Student on all crops, teacher on the two globals: the loss (a 0-d tensor). A loss that is not finite
         in any process raises NonFiniteLoss in every process, before anything is updated."""
         crops = [c.to(self.args.device, non_blocking=True) for c in crops]
+        student_crops, mix_targets = self.view_mixup(crops) if self.view_mixup else (crops, None)
         with self.autocast():
             with torch.no_grad():
                 teacher_output = self.teacher(crops[:2])   # only the 2 global views pass through the teacher
-            student_output = self.student_ddp(crops)
-            loss = self.loss_fn(student_output, teacher_output, epoch)
+            student_output = self.student_ddp(student_crops)
+            loss = self.loss_fn(student_output, teacher_output, epoch, mix_targets)
         loss_value = loss.item()
         if utils.any_process(not math.isfinite(loss_value), self.args.device):
             raise NonFiniteLoss(loss_value, epoch, it)

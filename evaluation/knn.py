@@ -120,6 +120,8 @@ def eval_knn(args):
         features = compute_features(args)
         if args.dump_features:
             save_features(features, args.dump_features)
+    if not args.use_cuda:  # --use_cuda False: the vote runs on the features in CPU memory
+        features = {name: tensor.cpu() for name, tensor in features.items()}
     num_train = len(features['train_labels'])
     args.nb_knn = clamp_ks(args.nb_knn, num_train)  # loaded features: clamped here
     num_classes = int(torch.cat([features['train_labels'], features['test_labels']]).max()) + 1

@@ -66,3 +66,14 @@ def build_trainer(arch, cfg, tmp_path, extra=(), steps_per_epoch=8):
     utils.init_distributed_mode(args)
     torch.manual_seed(0)
     return build(args, load_config(args), steps_per_epoch)
+
+
+def subset_folder(source, root, per_class):
+    """``root`` (created) with the first ``per_class`` images of each class folder of ``source``; returns it as str."""
+    import shutil
+    for cls in sorted(os.listdir(source)):
+        os.makedirs(os.path.join(root, cls))
+        for name in sorted(os.listdir(os.path.join(source, cls)))[:per_class]:
+            shutil.copy(os.path.join(source, cls, name), os.path.join(root, cls, name))
+    return str(root)
+

@@ -118,7 +118,10 @@ def test_grey_images_are_augmented_on_one_band_into_the_views_of_their_rgb_copy(
 
 
 def test_deit_aug_and_unknown_option():
-    transform = build_transform(dino_args(aug_opt='deit_aug'), global_crops_size=64)
+    from engine import parse_args
+    deit_args = parse_args(['--aug-opt', 'deit_aug', '--local_crops_number', '2', '--local_crops_size', '32',
+                            '--data_path', 'unused'])
+    transform = build_transform(deit_args, global_crops_size=64)
     assert isinstance(transform, DataAugmentationDEIT)
     assert [tuple(c.shape) for c in transform(random_image(40))] == [(3, 64, 64)] * 2 + [(3, 32, 32)] * 2
     assert [tuple(c.shape) for c in transform(random_image(40, 'L'))] == [(3, 64, 64)] * 2 + [(3, 32, 32)] * 2

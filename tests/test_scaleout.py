@@ -47,6 +47,8 @@ def dry_run(argv, capsys):
 
 def non_default_value(action):
     """Command-line words setting ``action`` (a main_esvit.py option) to a value other than its default."""
+    if action.nargs == 0:  # a switch (--resplit)
+        return []
     if action.choices:
         return [next(c for c in action.choices if c != action.default)]
     if action.type is utils.bool_flag:
@@ -56,7 +58,7 @@ def non_default_value(action):
     if action.type is int:
         return [str((action.default or 0) + 7)]
     if action.type is float:
-        return [repr(action.default * 0.5 + 0.125)]
+        return [repr(action.default + 0.125)]
     return [f'value_of_{action.dest}']
 
 
