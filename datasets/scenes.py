@@ -67,7 +67,7 @@ def smooth_background(rng, size):
 
 def compose_scene(rng, garments, labels, canvas_size=64, garment_sizes=(20, 40)):
     """One canvas: (image S x S uint8, mask S x S uint8 with 0 = background and label + 1 on each garment's
-    pixels, [(label, side, top, left)] of the garments in painting order)."""
+    pixels, [(index into garments, side, top, left)] of the garments in painting order)."""
     image = smooth_background(rng, canvas_size).copy()
     mask = np.zeros((canvas_size, canvas_size), np.uint8)
     placed = []
@@ -79,7 +79,7 @@ def compose_scene(rng, garments, labels, canvas_size=64, garment_sizes=(20, 40))
         pixels = photo >= GARMENT_THRESHOLD
         image[top:top + side, left:left + side][pixels] = photo[pixels]
         mask[top:top + side, left:left + side][pixels] = labels[index] + 1
-        placed.append((int(labels[index]), side, top, left))
+        placed.append((int(index), side, top, left))
     return image, mask, placed
 
 

@@ -9,9 +9,9 @@ segmentation probe.
     dataset.check(num_labels) -> the largest class index of the split's masks; a UserError (DataError) for a
         missing file, a mask whose size differs from its image, or a class index >= num_labels
 
-Both views act on the image and its mask together (torchvision transforms v2: the mask is resampled with the
-nearest neighbour, the image bicubically): validation resizes the short side and takes the centre square,
-training takes a random resized crop and a random horizontal flip.
+Both views act on the image and its mask together (the image resampled bicubically, the mask with the nearest
+neighbour of each pixel centre): validation resizes the short side and takes the centre square, training takes
+a random resized crop and a random horizontal flip.
 """
 from pathlib import Path
 
@@ -19,33 +19,53 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as TF
 
 from .folder import DataError, load_rgb
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = ('.jpg', '.png', '.jpeg')
+BICUBIC, NEAREST = InterpolationMode.BICUBIC, InterpolationMode.NEAREST_EXACT
 
 
-def _joint_tail():
-    return [v2.ToImage(), v2.ToDtype({tv_tensors.Image: torch.float32, 'others': None}, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD), v2.ToDtype({tv_tensors.Mask: torch.uint8, 'others': None})]
+class JointView:
+    """(image 3 x H x W uint8, mask H x W uint8) -> (3 x S x S normalised float, S x S uint8), both resampled on
+    the same grid: the image bicubically (antialiased), the mask with the nearest neighbour of each output
+    pixel's centre (NEAREST_EXACT; torchvision's NEAREST, the default for masks, shifts them by up to a pixel).
+
+    ``train``: a random resized crop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip with probability 0.5,
+    drawn from torch's random stream; else the short side resized to ``resize_size`` and the centre S x S."""
+
+    def __init__(self, image_size, train, resize_size=None):
+        self.size, self.train = image_size, train
+        self.resize_size = resize_size or round(image_size * 256 / 224)
+
+    def __call__(self, image, mask):
+        mask = mask[None]  # 1 x H x W
+        if self.train:
+            top, left, height, width = v2.RandomResizedCrop.get_params(image, scale=[0.08, 1.0],
+                                                                       ratio=[3 / 4, 4 / 3])
+            image, mask = (TF.resized_crop(x, top, left, height, width, [self.size, self.size], interpolation=mode,
+                                           antialias=True) for x, mode in ((image, BICUBIC), (mask, NEAREST)))
+            if torch.rand(1).item() < 0.5:
+                image, mask = image.flip(-1), mask.flip(-1)
+        else:
+            image, mask = (TF.center_crop(TF.resize(x, self.resize_size, interpolation=mode, antialias=True),
+                                          self.size) for x, mode in ((image, BICUBIC), (mask, NEAREST)))
+        image = TF.normalize(image.float().div_(255), IMAGENET_MEAN, IMAGENET_STD)
+        return image, mask[0]
 
 
 def segmentation_val_transform(image_size, resize_size=None):
-    """(PIL image, PIL mask) -> (3 x S x S, S x S): resize the short side to ``resize_size`` (default
-    S x 256/224), centre crop S."""
-    return v2.Compose([v2.Resize(resize_size or round(image_size * 256 / 224), interpolation=InterpolationMode.BICUBIC),
-                       v2.CenterCrop(image_size), *_joint_tail()])
+    """The validation view: resize the short side to ``resize_size`` (default S x 256/224), centre crop S."""
+    return JointView(image_size, train=False, resize_size=resize_size)
 
 
 def segmentation_train_transform(image_size):
-    """(PIL image, PIL mask) -> (3 x S x S, S x S): random resized crop (scale 0.08-1) and horizontal flip."""
-    return v2.Compose([v2.RandomResizedCrop(image_size, interpolation=InterpolationMode.BICUBIC),
-                       v2.RandomHorizontalFlip(), *_joint_tail()])
+    """The training view: random resized crop (scale 0.08-1) and horizontal flip of image and mask together."""
+    return JointView(image_size, train=True)
 
 
 class VOCSegmentation(Dataset):
@@ -107,6 +127,4 @@ class VOCSegmentation(Dataset):
         image, mask = self.load(index)
         if self.transform is None:
             return image, mask
-        image, mask = self.transform(tv_tensors.Image(v2.functional.pil_to_tensor(image)),
-                                     tv_tensors.Mask(torch.from_numpy(np.array(mask))))
-        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+        return self.transform(TF.pil_to_tensor(image), torch.from_numpy(np.array(mask)))
