@@ -42,6 +42,7 @@ print(' '.join(f'--{k} ' + ' '.join(map(str, v if isinstance(v, list) else [v]))
 for variant in $VARIANTS; do
     run=$OUT/$PART/$NAME/$variant
     dense=$([ "$variant" = VR ] && echo True || echo False)
+    mkdir -p "$OUT/$PART/$NAME"
     [ -f "$run/checkpoint.pth" ] || python main_esvit.py "${MODEL[@]}" "${DEMO[@]}" --use_dense_prediction "$dense" \
         --epochs "$EPOCHS" --data_path "$DATA/train" --knn_freq 0 --output_dir "$run" "${EXTRA[@]}" > "$run.log" 2>&1 \
         || { tail -3 "$run.log"; exit 1; }
