@@ -10,27 +10,17 @@ The protocol (features, training, resume) is described in evaluation/linear.py.
 import argparse
 
 import utils
-from evaluation import backbone_args_parser, eval_linear, parse_eval_args
+from evaluation import backbone_args_parser, eval_linear, parse_eval_args, probe_args_parser
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('EsViT linear probe', parents=[backbone_args_parser()],
+    p = argparse.ArgumentParser('EsViT linear probe', parents=[backbone_args_parser(), probe_args_parser()],
                                 formatter_class=utils.HelpFormatter)
     p.add_argument('--n_last_blocks', default=4, type=int,
                    help='concatenate the pooled outputs of the last n blocks (transformers)')
     p.add_argument('--avgpool_patchtokens', default=False, type=utils.bool_flag,
                    help='also concatenate the average-pooled region tokens of the last stage (the original sets it '
                         'for ViT-Base, not for DeiT-Small); adds num_features to the feature dimension')
-    p.add_argument('--epochs', default=100, type=int, help='training epochs of the linear classifier')
-    p.add_argument('--lr', default=0.001, type=float, help='peak lr for a total batch of 256 (scaled linearly)')
-    p.add_argument('--num_labels', default=None, type=int, help='classifier outputs (default: the train classes)')
-    p.add_argument('--val_freq', default=1, type=int, help='validate every N epochs (and after the last)')
-    p.add_argument('--output_dir', default='.', type=str,
-                   help='where checkpoint.pth.tar, log.txt and tb/ go; rerun to resume')
-    p.add_argument('--evaluate', action='store_true', help='only validate the classifier saved in --output_dir')
-    p.add_argument('--cache_features', default=False, type=utils.bool_flag,
-                   help='train on features computed once without augmentation (fast approximation for CPU runs)')
-    p.add_argument('--print_freq', default=20, type=int, help='progress line every N batches')
     return p
 
 

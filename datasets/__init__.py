@@ -34,6 +34,11 @@
     fashion_mnist_folder(root, split='train' | 'test', out_dir, per_class=None) -> out_dir, the full
         Fashion-MNIST split exported from the IDX files (root None: /usr/share/datasets/fashion-mnist)
 
+    build_scenes(out_dir, ...) / demo_scenes_path() -> a scene benchmark of Fashion-MNIST garments on canvases
+        (datasets/scenes.py): VOC layout with exact masks, pretrain/ and largest/ ImageFolders
+    VOCSegmentation(root, split, transform) -> (image, mask) pairs of the Pascal VOC layout (datasets/voc.py),
+        with segmentation_train_transform / segmentation_val_transform (image and mask together)
+
 Data sources and licences: see datasets/fashion_mnist.py.
 """
 from .fashion_mnist import (FASHION_MNIST_CLASSES, demo_data_path, fashion_mnist_folder,

@@ -56,6 +56,24 @@ def backbone_args_parser():
     return p
 
 
+def probe_args_parser():
+    """Options of the trained probes (eval_linear.py, eval_segmentation.py): schedule, output, resume; a script
+    sets its own defaults with ``set_defaults``."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument('--epochs', default=100, type=int, help='training epochs of the linear classifier')
+    p.add_argument('--lr', default=0.001, type=float, help='peak lr for a total batch of 256 (scaled linearly)')
+    p.add_argument('--num_labels', default=None, type=int,
+                   help='classifier outputs (default: the train classes; segmentation: the largest class index + 1)')
+    p.add_argument('--val_freq', default=1, type=int, help='validate every N epochs (and after the last)')
+    p.add_argument('--output_dir', default='.', type=str,
+                   help='where checkpoint.pth.tar, log.txt and tb/ go; rerun to resume')
+    p.add_argument('--evaluate', action='store_true', help='only validate the classifier saved in --output_dir')
+    p.add_argument('--cache_features', default=False, type=utils.bool_flag,
+                   help='train on features computed once without augmentation (fast approximation for CPU runs)')
+    p.add_argument('--print_freq', default=20, type=int, help='progress line every N batches')
+    return p
+
+
 def parse_eval_args(parser, argv=None):
     """Parse; with no --cfg, --arch or --data_path (``args.demo``), evaluate on the demo data at the demo's size,
     the model that --pretrained_weights was trained with or else the demo model
@@ -127,7 +145,8 @@ def pooled_features(backbone, images):
 @torch.no_grad()
 def extract_features(model, loader, device, forward=pooled_features, print_freq=20):
     """``forward(model, images)`` of every sample of ``loader`` (from :func:`build_eval_loader`), in dataset
-    order, on every rank: (features N x D float32, labels N), both on ``device``. Progress is printed every
+    order, on every rank: (features N x D float32, labels N), both on ``device``; a forward or dataset of
+    other shapes gives N x ... of each (e.g. dense features N x h x w x D, masks N x H x W). Progress is printed every
     ``print_freq`` batches (0: never).
 
     Each rank computes its shard; the batches of all ranks are gathered and written at their sample index,
@@ -141,8 +160,8 @@ def extract_features(model, loader, device, forward=pooled_features, print_freq=
         targets = utils.all_gather_cat(targets.to(device))
         indices = utils.all_gather_cat(indices.to(device))
         if features is None:
-            features = torch.zeros(num_samples, batch_features.shape[1], device=device)
-            labels = torch.zeros(num_samples, dtype=torch.long, device=device)
+            features = torch.zeros(num_samples, *batch_features.shape[1:], device=device)
+            labels = torch.zeros(num_samples, *targets.shape[1:], dtype=targets.dtype, device=device)
         features.index_copy_(0, indices, batch_features)
         labels.index_copy_(0, indices, targets)
     return features, labels

@@ -57,15 +57,16 @@ def feature_dim(encode, image_size, device):
         raise utils.UserError(f"cannot compute the linear-probe features: {e}") from None
 
 
-def train_one_epoch(classifier, encode, optimizer, loader, epoch, device, print_freq=20):
-    """One epoch of the linear layer on ``encode(inputs)`` (frozen, no gradient); mean stats."""
+def train_one_epoch(classifier, encode, optimizer, loader, epoch, device, print_freq=20, criterion=F.cross_entropy):
+    """One epoch of the linear layer on ``encode(inputs)`` (frozen, no gradient), loss ``criterion(logits,
+    targets)``; mean stats."""
     classifier.train()
     metric_logger = utils.MetricLogger()
     for inputs, targets in metric_logger.log_every(loader, print_freq, f'Epoch: [{epoch}]'):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with torch.no_grad():
             features = encode(inputs)                      # B x D
-        loss = F.cross_entropy(classifier(features), targets)
+        loss = criterion(classifier(features), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -114,6 +115,25 @@ def restore(path, classifier, optimizer, scheduler):
     return int(checkpoint['epoch']), float(checkpoint['best_acc'])
 
 
+def probe_optimization(args, classifier):
+    """(the classifier to train: DDP-wrapped when distributed, SGD with momentum 0.9 at lr x total batch / 256,
+    cosine schedule to 0, the checkpoint path in --output_dir, start epoch, best score), restored from that
+    checkpoint when it exists (rerunning a command resumes)."""
+    trained = classifier
+    if utils.is_dist():
+        trained = nn.parallel.DistributedDataParallel(classifier,
+                                                      device_ids=[args.gpu] if args.device.type == 'cuda' else None)
+    total_batch = args.batch_size_per_gpu * utils.get_world_size()
+    optimizer = torch.optim.SGD(trained.parameters(), args.lr * total_batch / 256., momentum=0.9, weight_decay=0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
+    checkpoint_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
+    start_epoch, best = 0, 0.0
+    if os.path.isfile(checkpoint_path):
+        start_epoch, best = restore(checkpoint_path, classifier, optimizer, scheduler)
+        print(f"Resumed from {checkpoint_path} at epoch {start_epoch}")
+    return trained, optimizer, scheduler, checkpoint_path, start_epoch, best
+
+
 class CachedFeatureBatches:
     """Shuffled mini-batches of cached (features N x D, labels N), this rank's share when distributed; one
     indexing per batch. ``set_epoch(epoch)`` reshuffles, as for the image loader."""
@@ -156,12 +176,17 @@ def build_probe_data(args, backbone, probe_features, train_set, val_set):
     return train_batches, nn.Identity(), validation
 
 
-def eval_linear(args):
+def start_probe(args):
+    """Processes, seeds, the checked schedule options and the output directory of a trained probe."""
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)  # the same random init (backbone, classifier) on every rank
     if args.n_last_blocks < 1 or args.epochs < 1 or args.val_freq < 1:
         raise utils.UserError("--n_last_blocks, --epochs and --val_freq must be at least 1")
     utils.make_output_dir(args.output_dir)
+
+
+def eval_linear(args):
+    start_probe(args)
     device = args.device
 
     # ============ frozen backbone and data ============
@@ -181,19 +206,7 @@ def eval_linear(args):
 
     # ============ the linear classifier ============
     classifier = LinearClassifier(dim, num_labels).to(device)
-    trained = classifier
-    if utils.is_dist():
-        trained = nn.parallel.DistributedDataParallel(classifier,
-                                                      device_ids=[args.gpu] if device.type == 'cuda' else None)
-    total_batch = args.batch_size_per_gpu * utils.get_world_size()
-    optimizer = torch.optim.SGD(trained.parameters(), args.lr * total_batch / 256., momentum=0.9, weight_decay=0)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
-
-    checkpoint_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
-    start_epoch, best_acc = 0, 0.0
-    if os.path.isfile(checkpoint_path):
-        start_epoch, best_acc = restore(checkpoint_path, classifier, optimizer, scheduler)
-        print(f"Resumed from {checkpoint_path} at epoch {start_epoch}")
+    trained, optimizer, scheduler, checkpoint_path, start_epoch, best_acc = probe_optimization(args, classifier)
     if args.evaluate:
         if start_epoch == 0:
             raise utils.UserError(f"--evaluate needs a trained classifier in {checkpoint_path}")

@@ -11,6 +11,8 @@ the training uses the region-level head:
   appends the mean of the normed last-stage map tokens, giving ``[B, D + C]``
 - ``num_features`` (C above)
 - optionally ``set_epoch(epoch, epochs)``, called by the trainer before each epoch (ViL's mode switch)
+- optionally ``forward_return_n_last_block_tokens(x, n=1) -> [[B, L_i, C_i], ...]`` (Swin), the token maps of
+  the last ``n`` blocks, for the segmentation probe's ``--n_last_blocks``
 - optionally ``forward_attention_maps(images, n_last)`` for the analysis, and ``has_class_token = True`` when
   the first global token of those maps is a ViT's [CLS] token
 - ``flat_state_dict = True`` when the original checkpoint keeps the backbone's keys at the top level

@@ -293,6 +293,15 @@ class SwinTransformer(nn.Module):
             means.append(self.norm(tokens).mean(dim=1))
         return torch.cat(means, dim=-1)
 
+    def forward_return_n_last_block_tokens(self, images, n=1):
+        """The output tokens of the last ``n`` blocks across stages, in block order: a list of B x L_i x C_i
+        (row-major token grids; the final norm applied to last-stage blocks only, so the last one is
+        ``forward_features(images)[1]``). The dense counterpart of :meth:`forward_return_n_last_blocks`."""
+        check_n_last_blocks(n, (), self.depths)
+        _, kept = self._run_blocks(images, keep_last=n)
+        last_stage = len(self.layers) - 1
+        return [self.norm(x) if stage == last_stage else x for stage, x, _ in kept]
+
     def forward_attention_maps(self, images, n_last=1):
         """Attention probabilities of the last ``n_last`` blocks (across stages, in block order), each a
         :class:`WindowAttentionMaps` with ``probs`` (B*nW) x heads x T x T, computed with an explicit softmax."""
