@@ -109,7 +109,6 @@ class MultiCropTransform:
 
 
 RESIZED_CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default, as the original uses
-REDUCING_GAP = None
 
 
 def _lut(values):
@@ -181,8 +180,7 @@ class DINOView:
 
     def __call__(self, image):
         top, left, height, width = T.RandomResizedCrop.get_params(image, self.scale, RESIZED_CROP_RATIO)
-        view = image.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + width, top + height),
-                            reducing_gap=REDUCING_GAP)
+        view = image.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + width, top + height))
         flip, jitter, grey, blur, radius, solarize = torch.rand(6).tolist()
         if flip < 0.5:
             view = view.transpose(Image.FLIP_LEFT_RIGHT)
