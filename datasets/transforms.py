@@ -164,13 +164,31 @@ class ColourJitter:
         return image
 
 
+class HalvingPyramid:
+    """An image and its halves (``Image.reduce(2)``: 2 x 2 box averages), each computed once, when first asked."""
+
+    def __init__(self, image, max_level=3):
+        self.levels, self.max_level = [image], max_level
+
+    @property
+    def base(self):
+        return self.levels[0]
+
+    def level(self, k):
+        while len(self.levels) <= k:
+            self.levels.append(self.levels[-1].reduce(2))
+        return self.levels[k]
+
+
 class DINOView:
     """One view of DINO's augmentation, PIL image -> normalised 3 x size x size tensor: a bicubic random resized
     crop (scale ``scale``, ratio 3/4..4/3), horizontal flip (p 0.5), colour jitter (p 0.8), grayscale (p 0.2),
     Gaussian blur of radius uniform in [0.1, 2] (p ``blur_p``), solarisation at 128 (p ``solarize_p``).
 
-    The original's steps, probabilities and PIL operations, with fewer copies: the crop is resized straight from
-    the image (``resize(box=...)``), brightness and contrast are table lookups, a grayscale view stays one band
+    The original's steps, probabilities and PIL operations, with fewer copies: the crop box is drawn on the image
+    as the original draws it, then resized straight from the image (``resize(box=...)``) or from the image's
+    half, quarter or eighth (:class:`HalvingPyramid`, shared by the views of an image) where the box there still
+    has at least the view's size (the trade-off of decoding a JPEG at reduced size), brightness and contrast are table lookups, a grayscale view stays one band
     (its blur and solarisation then work on one band; :func:`to_normalized_tensor` broadcasts it), and the
     uint8 pixels become the normalised tensor in one pass."""
 
@@ -179,8 +197,17 @@ class DINOView:
         self.jitter = ColourJitter()
 
     def __call__(self, image):
-        top, left, height, width = T.RandomResizedCrop.get_params(image, self.scale, RESIZED_CROP_RATIO)
-        view = image.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + width, top + height))
+        """``image``: a PIL image or a :class:`HalvingPyramid` of one."""
+        pyramid = image if isinstance(image, HalvingPyramid) else HalvingPyramid(image)
+        top, left, height, width = T.RandomResizedCrop.get_params(pyramid.base, self.scale, RESIZED_CROP_RATIO)
+        k = 0
+        while k < pyramid.max_level and min(width, height) >= self.size * 2 ** (k + 1):
+            k += 1
+        source = pyramid.level(k)
+        shrink = source.width / pyramid.base.width  # 2^-k up to the rounding up of odd sizes
+        box = (left * shrink, top * shrink, min((left + width) * shrink, source.width),
+               min((top + height) * shrink, source.height))
+        view = source.resize((self.size, self.size), Image.BICUBIC, box=box)
         flip, jitter, grey, blur, radius, solarize = torch.rand(6).tolist()
         if flip < 0.5:
             view = view.transpose(Image.FLIP_LEFT_RIGHT)
@@ -222,6 +249,9 @@ class DataAugmentationDINO(MultiCropTransform):
                         DINOView(global_crops_size, global_crops_scale, blur_p=0.1, solarize_p=0.2)]
         local_views = [DINOView(size, local_crops_scale, blur_p=0.5) for _, size in local_groups]
         super().__init__(global_views, local_views, global_crops_size, local_groups)
+
+    def __call__(self, image):
+        return super().__call__(HalvingPyramid(image))
 
     def decode_size(self, width, height):
         """The smallest (width, height) a width x height image may be decoded at: reduced by the largest factor

@@ -93,7 +93,7 @@ def test_each_step_is_applied_as_often_as_the_original_specifies(view_index, blu
 
 @pytest.mark.parametrize('scale,size', [((0.4, 1.0), (60, 45)), ((0.05, 0.4), (45, 60))])
 def test_crop_areas_and_aspect_ratios_follow_torchvisions_random_resized_crop(scale, size, monkeypatch):
-    view = augmentation.DINOView(8, scale, blur_p=0.0)
+    view = augmentation.DINOView(32, scale, blur_p=0.0)  # no crop of these sizes is resized from a reduced image
     recorder = Recorder(monkeypatch)
     image = photo_like(*size)
     torch.manual_seed(1)
@@ -132,3 +132,24 @@ def test_reduced_size_jpeg_decoding_leaves_every_crop_at_least_its_view_size():
     assert load_image(small, transform.decode_size).size == (500, 375)  # an ImageNet-sized photo: full size
     views = transform(reduced)
     assert [tuple(v.shape) for v in views] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 8
+
+
+def test_views_are_resized_from_a_reduced_image_only_where_the_box_keeps_the_view_size(monkeypatch):
+    transform = DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), [8], [24], global_crops_size=56)
+    image = photo_like(400, 300)
+    recorder = Recorder(monkeypatch)
+    torch.manual_seed(0)
+    for _ in range(20):
+        transform(image)
+    sizes = [56, 56] + [24] * 8
+    reduced = 0
+    for ((w, h), box), size in zip(recorder.boxes, sizes * 20):
+        if (w, h) != image.size:
+            reduced += 1
+            assert min(box[2] - box[0], box[3] - box[1]) >= size - 1e-9  # still a downscale to the view
+    assert reduced > 0
+    # the trade-off: a box average then bicubic, against bicubic from the full image (grey levels 0..255)
+    box = (40, 30, 360, 270)
+    direct = np.asarray(image.resize((56, 56), Image.BICUBIC, box=box), dtype=float)
+    halved = np.asarray(image.reduce(2).resize((56, 56), Image.BICUBIC, box=[c / 2 for c in box]), dtype=float)
+    assert np.abs(direct - halved).mean() < 1.5

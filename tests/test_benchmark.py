@@ -95,3 +95,19 @@ def test_the_preloaded_allocator_reuses_freed_big_blocks_instead_of_faulting_the
     assert system_name == 'system' and preloaded_name == utils.preloadable_allocator()
     assert system_faults > 5 * pages       # every block is mapped and faulted in anew
     assert preloaded_faults < 1.5 * pages  # faulted in once at most, then reused
+
+
+def test_gpu_check_dry_run_runs_every_step_on_the_cpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ('ESVIT_MALLOC', 'LD_PRELOAD')}
+    done = subprocess.run(['bash', 'scripts/gpu_check.sh', '--dry_run'], cwd=ROOT, capture_output=True, text=True,
+                          env={**env, 'OUT_PATH': str(tmp_path), 'OMP_NUM_THREADS': '1'}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / 'gpu_check.json').read_text())
+    assert [(r['precision'], r['compile']) for r in summary['bench']] == [('bf16', False), ('fp32', False)]
+    for row in summary['bench']:  # MFU: the step's FLOP/s over the measured bf16 matmul peak
+        assert row['mfu_vs_bf16_peak'] == pytest.approx(
+            row['gflop_per_step'] / row['seconds_per_step'] / (summary['bf16_peak_tflops'] * 1e3))
+        assert 0 < row['mfu_vs_bf16_peak'] < 1 and row['peak_memory_mb'] > 0
+    assert summary['demo']['epoch'] == 0 and summary['knn']['num_train'] == 30
+    lines = done.stdout.splitlines()
+    assert sum(line.startswith('bench ') for line in lines) == 2 and any(line.startswith('knn k=5') for line in lines)
