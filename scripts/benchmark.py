@@ -1,13 +1,15 @@
-"""Time the real EsViT training step of main_esvit.py (the same Trainer, not a copy).
+"""Time the real EsViT training step of main_esvit.py (the same Trainer, not a copy), with main_esvit.py's
+defaults (--precision auto, --malloc auto, --flush_denormal True) unless told otherwise.
 
     python scripts/benchmark.py --arch swin_tiny --cfg experiments/imagenet/swin/swin_tiny_patch4_window7_224.yaml \\
         --batch_size 4 --global_size 224 --local_size 96 --local_crops_number 8 --out_dim 65536 \\
-        --use_dense_prediction True --precision fp32 --steps 5 --warmup 2 --json bench.json MODEL.NUM_CLASSES 0
+        --use_dense_prediction True --steps 5 --warmup 2 --json bench.json MODEL.NUM_CLASSES 0
     python scripts/benchmark.py --sweep --json sweep.json ...    # a markdown table over precisions and options
 
-Reports images/s, seconds per step split into data / forward (student + teacher + loss) / backward /
-optimizer (clip, step, EMA), peak memory (RSS on CPU, max allocated on CUDA), FLOPs per step
-(torch.utils.flop_counter) and the fraction of a matmul peak measured here on the same device and precision.
+Reports images/s, seconds per step split into forward (student + teacher + loss) / backward / optimizer (clip,
+step, EMA), process CPU seconds and minor page faults per step, the allocator, threads and precision used,
+peak memory in MB (RSS on CPU, max allocated on CUDA), FLOPs per step (torch.utils.flop_counter) and the
+fraction of a matmul peak measured here on the same device and precision. The data pipeline: bench_data.py.
 """
 import argparse
 import json
