@@ -12,5 +12,5 @@ from engine import parse_args, train_esvit
 
 if __name__ == '__main__':
     args = parse_args()
-    utils.setup_cpu_runtime(args.tcmalloc, args.flush_denormal)
+    utils.setup_cpu_runtime(args.malloc, args.flush_denormal)
     utils.run_main(train_esvit, args)

@@ -70,25 +70,51 @@ def run_main(main, args):
         sys.exit(2)
 
 
-def setup_cpu_runtime(tcmalloc=True, flush_denormal=True):
-    """Call first thing in an entry script. ``tcmalloc``: re-execute this process with tcmalloc preloaded, when it
-    is installed (Debian: libtcmalloc-minimal4) and not loaded yet; glibc's malloc hands every freed block above
-    32 MB (activations, [tokens x 65536] logits) back to the OS, so each step page-faults them in again, and
-    tcmalloc keeps them (a third of the CPU step, see README, Performance). A no-op off Linux or once the
-    restart happened (``ESVIT_MALLOC`` names the allocator). ``flush_denormal``: flush float32 denormals to
-    zero, before the first parallel op so that the OpenMP threads inherit the mode."""
+MALLOC_CHOICES = ('auto', 'system')
+
+
+def preloadable_allocator():
+    """The path of an allocator library to preload, or None: tcmalloc when the system has it (Debian:
+    libtcmalloc-minimal4), else mimalloc from the cmeel-mimalloc wheel (requirements.txt)."""
     import ctypes.util
-    if tcmalloc and sys.platform.startswith('linux') and not os.environ.get('ESVIT_MALLOC'):
-        preloaded = 'tcmalloc' in os.environ.get('LD_PRELOAD', '')
-        os.environ['ESVIT_MALLOC'] = 'tcmalloc (LD_PRELOAD)' if preloaded else 'system'
-        library = None if preloaded else (ctypes.util.find_library('tcmalloc_minimal')
-                                          or ctypes.util.find_library('tcmalloc'))
+    import sysconfig
+    library = ctypes.util.find_library('tcmalloc_minimal') or ctypes.util.find_library('tcmalloc')
+    if library is not None:
+        return library
+    for site_dir in dict.fromkeys([sysconfig.get_path('platlib'), sysconfig.get_path('purelib')]):
+        wheel_library = os.path.join(site_dir, 'cmeel.prefix', 'lib', 'libmimalloc.so')
+        if os.path.isfile(wheel_library):
+            return wheel_library
+    return None
+
+
+def setup_cpu_runtime(malloc='auto', flush_denormal=True):
+    """Call first thing in an entry script; returns the allocator in use, in words.
+
+    ``malloc``: 'auto' re-executes this process with :func:`preloadable_allocator` preloaded (tcmalloc, else the
+    mimalloc of the cmeel-mimalloc wheel) unless one is loaded already; 'system' leaves the allocator alone.
+    Glibc's malloc hands freed big blocks (activations, [tokens x 65536] logits) back to the OS, so each CPU step
+    page-faults them in again (see README, Performance; its mallopt settings do not help: torch's 64-byte
+    aligned allocations never fit the hole a freed one leaves). ``ESVIT_MALLOC`` marks the restart.
+    ``flush_denormal``: flush float32 denormals to zero, before the first parallel op so that the OpenMP threads
+    inherit the mode."""
+    if malloc not in MALLOC_CHOICES:
+        raise UserError(f"--malloc {malloc}: choose one of {', '.join(MALLOC_CHOICES)}")
+    preloaded = [name for name in ('tcmalloc', 'mimalloc') if name in os.environ.get('LD_PRELOAD', '')]
+    in_use = 'system'
+    if preloaded:
+        in_use = os.environ.get('ESVIT_MALLOC') or f'{preloaded[0]} (LD_PRELOAD)'
+    elif malloc == 'auto' and sys.platform.startswith('linux') and not os.environ.get('ESVIT_MALLOC'):
+        library = preloadable_allocator()
         if library is not None:
             sys.stdout.flush()
             sys.stderr.flush()
             preload = ' '.join(filter(None, [library, os.environ.get('LD_PRELOAD')]))
-            os.execve(sys.executable, sys.orig_argv, dict(os.environ, ESVIT_MALLOC=library, LD_PRELOAD=preload))
+            # mimalloc returns freed pages to the OS 10 ms after a free by default: never, as tcmalloc (mostly)
+            env = dict({'MIMALLOC_PURGE_DELAY': '-1'}, **os.environ, ESVIT_MALLOC=library, LD_PRELOAD=preload)
+            os.execve(sys.executable, sys.orig_argv, env)
     torch.set_flush_denormal(flush_denormal)
+    return in_use
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,26 +4,32 @@ Every transform maps one PIL image to a list of tensors: the two global views fi
 group by group, in the order of `local_crops_size` (e.g. numbers [6, 2] and sizes [96, 128] give
 2 x 224, 6 x 96, 2 x 128). `crop_sizes()` tells the model side that layout.
 """
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
-import torchvision.transforms.functional as TF
-from PIL import ImageFilter
+from PIL import Image, ImageFilter, ImageOps, ImageStat
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _MEAN, _STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+# (uint8 / 255 - mean) / std = uint8 * scale + shift
+_NORMALIZE_SCALE, _NORMALIZE_SHIFT = 1 / (255 * _STD), -_MEAN / _STD
 
 
 def to_normalized_tensor(image):
     """PIL image in RGB or 'L' -> 3 x H x W float, normalised with the ImageNet mean and std.
 
-    The last step of every transform here (ToTensor + Normalize). A grey image's band is broadcast to the
-    three channels by the subtraction, so the views of grey images are augmented on one band, not three
-    identical ones, and come out exactly as their RGB copies would."""
-    return (TF.to_tensor(image) - _MEAN).div_(_STD)
+    The last step of every transform here (ToTensor + Normalize, in one pass over the uint8 pixels). A grey
+    image's band is broadcast to the three channels, so the views of grey images are augmented on one band, not
+    three identical ones, and come out exactly as their RGB copies would."""
+    pixels = torch.from_numpy(np.array(image))                                       # H x W (x 3) uint8
+    pixels = pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1)   # 1|3 x H x W
+    out = torch.empty(3, *pixels.shape[1:])
+    return torch.addcmul(_NORMALIZE_SHIFT, pixels, _NORMALIZE_SCALE, out=out)       # 1 band: broadcast to 3
 
 
 def normalize(images):
@@ -74,24 +80,6 @@ def local_crop_groups(local_crops_number, local_crops_size):
     return [(int(count), int(size)) for count, size in zip(numbers, sizes)]
 
 
-class PILGaussianBlur:
-    """Gaussian blur of a PIL image, sigma (PIL's radius, in pixels) uniform in `sigma`.
-
-    PIL's blur is ~7x faster on one core than torchvision's GaussianBlur (a dense 2-D convolution of the
-    tensor) and is the blur of the original code, with no kernel truncation.
-    """
-
-    def __init__(self, sigma=(0.1, 2.0)):
-        self.sigma = sigma
-
-    def __call__(self, image):
-        radius = torch.empty(1).uniform_(*self.sigma).item()
-        return image.filter(ImageFilter.GaussianBlur(radius=radius))
-
-    def __repr__(self):
-        return f"{type(self).__name__}(sigma={self.sigma})"
-
-
 class MultiCropTransform:
     """Applies two global views and the local view groups to one image; subclasses build the views."""
 
@@ -120,35 +108,157 @@ class MultiCropTransform:
         return f"{type(self).__name__}(crop_sizes={self.crop_sizes()})"
 
 
+RESIZED_CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default, as the original uses
+
+
+def _lut(values):
+    """A 256-entry lookup table of ``values`` (floats, truncated as PIL's blend truncates) clipped to uint8."""
+    return [min(255, max(0, int(v))) for v in values]
+
+
+def _per_band(image, table):
+    return table * len(image.getbands())
+
+
+def adjust_brightness(image, factor):
+    """As ImageEnhance.Brightness (a blend with black): ``pixel * factor``, one table lookup."""
+    return image.point(_per_band(image, _lut(i * factor for i in range(256))))
+
+
+def adjust_contrast(image, factor):
+    """As ImageEnhance.Contrast (a blend with the rounded mean grey level): one table lookup."""
+    grey = image if image.mode == 'L' else image.convert('L')
+    mean = int(ImageStat.Stat(grey).mean[0] + 0.5)
+    return image.point(_per_band(image, _lut(mean + factor * (i - mean) for i in range(256))))
+
+
+def adjust_saturation(image, factor):
+    """As ImageEnhance.Color (a blend with the grey image); the identity on one grey band."""
+    if image.mode == 'L':
+        return image
+    return Image.blend(image.convert('L').convert(image.mode), image, factor)
+
+
+def adjust_hue(image, factor):
+    """As torchvision's PIL hue: HSV with the hue band shifted by ``int(factor * 255)`` modulo 256 (here one
+    table lookup on the band instead of a numpy round trip); the identity on one grey band."""
+    if image.mode == 'L':
+        return image
+    h, s, v = image.convert('HSV').split()
+    shift = int(factor * 255)
+    return Image.merge('HSV', (h.point([(i + shift) % 256 for i in range(256)]), s, v)).convert(image.mode)
+
+
+class ColourJitter:
+    """torchvision's ColorJitter(0.4, 0.4, 0.2, 0.1) on a PIL image: the same random factors and order (drawn by
+    ``T.ColorJitter.get_params``) and the same pixels up to rounding, with brightness and contrast as table
+    lookups."""
+    brightness, contrast, saturation, hue = (0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)
+
+    def __call__(self, image):
+        order, b, c, s, h = T.ColorJitter.get_params(self.brightness, self.contrast, self.saturation, self.hue)
+        steps = [(adjust_brightness, b), (adjust_contrast, c), (adjust_saturation, s), (adjust_hue, h)]
+        for index in order.tolist():
+            step, factor = steps[index]
+            image = step(image, factor)
+        return image
+
+
+class HalvingPyramid:
+    """An image and its halves (``Image.reduce(2)``: 2 x 2 box averages), each computed once, when first asked."""
+
+    def __init__(self, image, max_level=3):
+        self.levels, self.max_level = [image], max_level
+
+    @property
+    def base(self):
+        return self.levels[0]
+
+    def level(self, k):
+        while len(self.levels) <= k:
+            self.levels.append(self.levels[-1].reduce(2))
+        return self.levels[k]
+
+
+class DINOView:
+    """One view of DINO's augmentation, PIL image -> normalised 3 x size x size tensor: a bicubic random resized
+    crop (scale ``scale``, ratio 3/4..4/3), horizontal flip (p 0.5), colour jitter (p 0.8), grayscale (p 0.2),
+    Gaussian blur of radius uniform in [0.1, 2] (p ``blur_p``), solarisation at 128 (p ``solarize_p``).
+
+    The original's steps, probabilities and PIL operations, with fewer copies: the crop box is drawn on the image
+    as the original draws it, then resized straight from the image (``resize(box=...)``) or from the image's
+    half, quarter or eighth (:class:`HalvingPyramid`, shared by the views of an image) where the box there still
+    has at least the view's size (the trade-off of decoding a JPEG at reduced size), brightness and contrast are table lookups, a grayscale view stays one band
+    (its blur and solarisation then work on one band; :func:`to_normalized_tensor` broadcasts it), and the
+    uint8 pixels become the normalised tensor in one pass."""
+
+    def __init__(self, size, scale, blur_p, solarize_p=0.0):
+        self.size, self.scale, self.blur_p, self.solarize_p = int(size), tuple(scale), blur_p, solarize_p
+        self.jitter = ColourJitter()
+
+    def __call__(self, image):
+        """``image``: a PIL image or a :class:`HalvingPyramid` of one."""
+        pyramid = image if isinstance(image, HalvingPyramid) else HalvingPyramid(image)
+        top, left, height, width = T.RandomResizedCrop.get_params(pyramid.base, self.scale, RESIZED_CROP_RATIO)
+        k = 0
+        while k < pyramid.max_level and min(width, height) >= self.size * 2 ** (k + 1):
+            k += 1
+        source = pyramid.level(k)
+        shrink = source.width / pyramid.base.width  # 2^-k up to the rounding up of odd sizes
+        box = (left * shrink, top * shrink, min((left + width) * shrink, source.width),
+               min((top + height) * shrink, source.height))
+        view = source.resize((self.size, self.size), Image.BICUBIC, box=box)
+        flip, jitter, grey, blur, radius, solarize = torch.rand(6).tolist()
+        if flip < 0.5:
+            view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        if jitter < 0.8:
+            view = self.jitter(view)
+        if grey < 0.2 and view.mode != 'L':
+            view = view.convert('L')
+        if blur < self.blur_p:
+            view = view.filter(ImageFilter.GaussianBlur(radius=0.1 + 1.9 * radius))
+        if solarize < self.solarize_p:
+            view = ImageOps.solarize(view, threshold=128)
+        return to_normalized_tensor(view)
+
+    def min_source_side(self, width, height):
+        """The shortest side a crop of a width x height image can have (area ``scale[0]``, the extreme ratio)."""
+        return math.sqrt(self.scale[0] * width * height * RESIZED_CROP_RATIO[0])
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, blur_p={self.blur_p}, "
+                f"solarize_p={self.solarize_p})")
+
+
 class DataAugmentationDINO(MultiCropTransform):
     """DINO multi-crop: bicubic random resized crops, flip, colour jitter, grayscale, blur, solarisation.
 
     Blur is applied with probability 1.0 to the first global view, 0.1 to the second (which is also
-    solarised with probability 0.2) and 0.5 to the local views. All steps but the last act on the PIL
-    image (one band for a grey image: hue, saturation and grayscale are then identities), converted to a
-    tensor once per view.
+    solarised with probability 0.2) and 0.5 to the local views (:class:`DINOView`). All steps but the last act
+    on the PIL image (one band for a grey image: hue, saturation and grayscale are then identities).
+
+    ``decode_size(width, height)`` tells an image loader how far a JPEG may be decoded at reduced size
+    (``PIL.Image.draft``, see ``datasets.folder.load_image``) with every crop it can draw still downscaled to
+    its view.
     """
 
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number, local_crops_size=96,
                  global_crops_size=224):
-        flip_and_color_jitter = [T.RandomHorizontalFlip(p=0.5), *colour_jitter()]
-
-        def view(size, scale, blur_p, solarize_p=0.0):
-            steps = [
-                T.RandomResizedCrop(size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
-                *flip_and_color_jitter,
-                T.RandomApply([PILGaussianBlur()], p=blur_p),
-            ]
-            if solarize_p:
-                steps.append(T.RandomSolarize(threshold=128, p=solarize_p))
-            steps.append(to_normalized_tensor)
-            return T.Compose(steps)
-
         local_groups = local_crop_groups(local_crops_number, local_crops_size)
-        global_views = [view(global_crops_size, global_crops_scale, blur_p=1.0),
-                        view(global_crops_size, global_crops_scale, blur_p=0.1, solarize_p=0.2)]
-        local_views = [view(size, local_crops_scale, blur_p=0.5) for _, size in local_groups]
+        global_views = [DINOView(global_crops_size, global_crops_scale, blur_p=1.0),
+                        DINOView(global_crops_size, global_crops_scale, blur_p=0.1, solarize_p=0.2)]
+        local_views = [DINOView(size, local_crops_scale, blur_p=0.5) for _, size in local_groups]
         super().__init__(global_views, local_views, global_crops_size, local_groups)
+
+    def __call__(self, image):
+        return super().__call__(HalvingPyramid(image))
+
+    def decode_size(self, width, height):
+        """The smallest (width, height) a width x height image may be decoded at: reduced by the largest factor
+        that leaves the smallest possible crop of every view at least its view's size."""
+        views = self.global_views + [v for v, (count, _) in zip(self.local_views, self.local_groups) if count]
+        factor = min(1.0, max(view.size / view.min_source_side(width, height) for view in views))
+        return math.ceil(width * factor), math.ceil(height * factor)
 
 
 def _dino_from_args(args, global_crops_size):

@@ -131,8 +131,10 @@ def get_args_parser():
                    help="log an attention picture of the first training image to TensorBoard every N epochs (0: never)")
     p.add_argument('--compile', default=False, type=utils.bool_flag,
                    help='torch.compile the backbones (forward_features); faster steps after a slow first one')
-    p.add_argument('--tcmalloc', default=True, type=utils.bool_flag,
-                   help='restart with tcmalloc preloaded when it is installed (faster CPU steps; False: glibc malloc)')
+    p.add_argument('--malloc', default='auto', choices=utils.MALLOC_CHOICES,
+                   help='auto: restart with tcmalloc (when the system has it) or the cmeel-mimalloc wheel\'s mimalloc '
+                        'preloaded, so that freed blocks are reused instead of page-faulted in again (faster CPU '
+                        'steps); system: glibc malloc')
     p.add_argument('--flush_denormal', default=True, type=utils.bool_flag,
                    help='flush float32 denormals to zero on the CPU (tiny softmax tails otherwise slow matmuls 100x)')
     p.add_argument('--knn_data_path', default=None, type=str,

@@ -1,5 +1,5 @@
 """Time the ORIGINAL microsoft/esvit training step on the configuration scripts/benchmark.py times ours with,
-for a side-by-side comparison on the same machine (same synthetic crops, schedule position and JSON keys).
+for a side-by-side comparison on the same machine (same synthetic crops, schedule position, timing loop and JSON keys).
 
     python scripts/bench_original.py --original_repo /tmp/orig_esvit --batch_size 4 --global_size 224 \\
         --local_size 96 --local_crops_number 8 --out_dim 65536 --steps 5 --warmup 2 --json orig.json
@@ -26,12 +26,10 @@ train mode, the student in DistributedDataParallel (``--ddp``) over a 1-process 
   the original's per-parameter EMA loop of the teacher.
 """
 import argparse
-import importlib.util
 import json
 import math
 import os
 import sys
-import time
 import types
 
 import torch
@@ -107,12 +105,11 @@ def import_original(repo):
 
 
 def import_benchmark_helpers():
-    """scripts/benchmark.py under its own name, for synthetic_crops / matmul_peak / peak_memory_gb. Imported after
-    the original: its ``import main_esvit, utils`` then binds the original's modules, which it does not use."""
-    spec = importlib.util.spec_from_file_location('esvit_benchmark', os.path.join(ROOT, 'scripts', 'benchmark.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """scripts/bench_common.py (synthetic_crops / time_steps / matmul_peak / peak_memory_mb): it imports none of
+    this project's modules, so nothing clashes with the original's main_esvit / utils / config / models."""
+    sys.path.insert(1, os.path.join(ROOT, 'scripts'))
+    import bench_common
+    return bench_common
 
 
 def build_student_teacher(orig, args, device):
@@ -191,30 +188,8 @@ def benchmark(args):
     student, student_without_ddp, teacher = build_student_teacher(orig, args, device)
     step = OriginalStep(orig, args, student, student_without_ddp, teacher)
     crops = helpers.synthetic_crops(args, device)
-    phases = {'forward': 0.0, 'backward': 0.0, 'optimizer': 0.0}
-    cpu_seconds = 0.0  # process CPU time (all threads): less sensitive than wall time to other loads on the machine
-
-    def sync():
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-
-    for i in range(args.warmup + args.steps):
-        it = FIRST_IT + i
-        sync()
-        c0, t0 = time.process_time(), time.perf_counter()
-        loss = step.forward_loss(crops, it)
-        sync()
-        t1 = time.perf_counter()
-        step.backward(loss)
-        sync()
-        t2 = time.perf_counter()
-        step.optimizer_step(it)
-        sync()
-        t3 = time.perf_counter()
-        if i >= args.warmup:
-            cpu_seconds += (time.process_time() - c0) / args.steps
-            for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
-                phases[name] += seconds / args.steps
+    phases, cpu_seconds, faults = helpers.time_steps(lambda it: step.forward_loss(crops, it), step.backward,
+                                                     step.optimizer_step, args, device, first_it=FIRST_IT)
 
     with FlopCounterMode(display=False) as counter:
         step.backward(step.forward_loss(crops, FIRST_IT))
@@ -230,9 +205,8 @@ def benchmark(args):
         'threads': torch.get_num_threads(),
         'images_per_s': args.batch_size / step_time, 'seconds_per_step': step_time,
         **{f'{name}_s': seconds for name, seconds in phases.items()},
-        'cpu_seconds_per_step': cpu_seconds,
-        'data_s_per_batch_1_worker': None,
-        'peak_memory_gb': helpers.peak_memory_gb(device), 'gflop_per_step': flops / 1e9,
+        'malloc': 'system', 'cpu_seconds_per_step': cpu_seconds, 'minor_faults_per_step': faults,
+        'peak_memory_mb': helpers.peak_memory_mb(device), 'gflop_per_step': flops / 1e9,
         'achieved_gflops': flops / 1e9 / step_time, 'matmul_peak_gflops': peak / 1e9,
         'fraction_of_peak': flops / step_time / peak,
         'load_average_before': load_before, 'load_average_after': os.getloadavg(),

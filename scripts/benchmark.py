@@ -1,21 +1,21 @@
-"""Time the real EsViT training step of main_esvit.py (the same Trainer, not a copy).
+"""Time the real EsViT training step of main_esvit.py (the same Trainer, not a copy), with main_esvit.py's
+defaults (--precision auto, --malloc auto, --flush_denormal True) unless told otherwise.
 
     python scripts/benchmark.py --arch swin_tiny --cfg experiments/imagenet/swin/swin_tiny_patch4_window7_224.yaml \\
         --batch_size 4 --global_size 224 --local_size 96 --local_crops_number 8 --out_dim 65536 \\
-        --use_dense_prediction True --precision fp32 --steps 5 --warmup 2 --json bench.json MODEL.NUM_CLASSES 0
+        --use_dense_prediction True --steps 5 --warmup 2 --json bench.json MODEL.NUM_CLASSES 0
     python scripts/benchmark.py --sweep --json sweep.json ...    # a markdown table over precisions and options
 
-Reports images/s, seconds per step split into data / forward (student + teacher + loss) / backward /
-optimizer (clip, step, EMA), peak memory (RSS on CPU, max allocated on CUDA), FLOPs per step
-(torch.utils.flop_counter) and the fraction of a matmul peak measured here on the same device and precision.
+Reports images/s, seconds per step split into forward (student + teacher + loss) / backward / optimizer (clip,
+step, EMA), process CPU seconds and minor page faults per step, the allocator, threads and precision used,
+peak memory in MB (RSS on CPU, max allocated on CUDA), FLOPs per step (torch.utils.flop_counter) and the
+fraction of a matmul peak measured here on the same device and precision. The data pipeline: bench_data.py.
 """
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -24,8 +24,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import utils  # noqa: E402
+from bench_common import matmul_peak, peak_memory_mb, synthetic_crops, time_steps  # noqa: E402
 from config import load_config  # noqa: E402
 from engine import build_trainer, parse_args  # noqa: E402
+from engine.args import get_args_parser  # noqa: E402
+
+TRAIN_DEFAULTS = get_args_parser()  # main_esvit.py's defaults: the benchmark times the step a training run takes
 
 
 def get_args():
@@ -39,18 +43,17 @@ def get_args():
     p.add_argument('--local_crops_number', type=int, nargs='+', default=[8], help='local crops of each size')
     p.add_argument('--out_dim', type=int, default=65536, help='prototypes of the DINO heads')
     p.add_argument('--use_dense_prediction', type=utils.bool_flag, default=True, help='V+R (True) or V (False)')
-    p.add_argument('--precision', default='fp32', choices=['auto', 'fp32', 'bf16', 'fp16'],
-                   help="as main_esvit.py's --precision (auto: its default choice on this device)")
+    p.add_argument('--precision', default=TRAIN_DEFAULTS.get_default('precision'),
+                   choices=['auto', 'fp32', 'bf16', 'fp16'],
+                   help="as main_esvit.py's --precision, and its default (auto: its choice on this device)")
     p.add_argument('--compile', type=utils.bool_flag, default=False, help='torch.compile the backbones')
-    p.add_argument('--tcmalloc', type=utils.bool_flag, default=True,
-                   help='restart with tcmalloc preloaded when installed, as main_esvit.py does (False: glibc malloc)')
-    p.add_argument('--flush_denormal', type=utils.bool_flag, default=True,
+    p.add_argument('--malloc', default=TRAIN_DEFAULTS.get_default('malloc'), choices=utils.MALLOC_CHOICES,
+                   help="as main_esvit.py's --malloc (system: glibc's malloc untuned)")
+    p.add_argument('--flush_denormal', type=utils.bool_flag, default=TRAIN_DEFAULTS.get_default('flush_denormal'),
                    help='flush float32 denormals to zero, as main_esvit.py does')
     p.add_argument('--train_args', default='', help='extra main_esvit.py flags, e.g. "--clip_mode global"')
     p.add_argument('--steps', type=int, default=5, help='timed steps')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps first')
-    p.add_argument('--data', type=utils.bool_flag, default=True,
-                   help='also time the data pipeline (multi-crop transform + collate) on synthetic photos')
     p.add_argument('--json', default='', help='write the results here')
     p.add_argument('--profile', type=int, default=0, metavar='N',
                    help='also profile one step (torch.profiler) and print its N most expensive operators')
@@ -65,7 +68,7 @@ def trainer_for(args):
             '--batch_size_per_gpu', str(args.batch_size), '--local_crops_number', *map(str, args.local_crops_number),
             '--local_crops_size', *map(str, args.local_size), '--precision', args.precision,
             '--norm_last_layer', 'false', '--epochs', '10', '--warmup_epochs', '1', '--output_dir', '/tmp',
-            '--compile', str(args.compile), '--tcmalloc', str(args.tcmalloc),
+            '--compile', str(args.compile), '--malloc', args.malloc,
             '--flush_denormal', str(args.flush_denormal), *args.train_args.split()]
     if args.cfg:
         argv += ['--cfg', args.cfg]
@@ -74,40 +77,6 @@ def trainer_for(args):
     utils.init_distributed_mode(train_args)
     torch.manual_seed(0)
     return train_args, build_trainer(train_args, load_config(train_args), steps_per_epoch=100)
-
-
-def synthetic_crops(args, device):
-    sizes = [args.global_size] * 2 + [s for n, s in zip(args.local_crops_number, args.local_size) for _ in range(n)]
-    return [torch.randn(args.batch_size, 3, s, s, device=device) for s in sizes]
-
-
-def time_data_pipeline(args, train_args, n_batches=3):
-    """Seconds per batch of the multi-crop transform + collate, one worker (the main process)."""
-    import numpy as np
-    from PIL import Image
-    from datasets import build_transform
-    transform = build_transform(train_args, global_crops_size=args.global_size)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)) for _ in range(args.batch_size)]
-    start = time.perf_counter()
-    for _ in range(n_batches):
-        torch.utils.data.default_collate([(transform(im), 0) for im in images])
-    return (time.perf_counter() - start) / n_batches
-
-
-def matmul_peak(device, dtype, n=2048, seconds=1.0):
-    """FLOP/s of a large matmul on this device at this precision."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        reps += 1
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
 
 
 def print_profile(trainer, crops, n_rows):
@@ -121,38 +90,12 @@ def print_profile(trainer, crops, n_rows):
     print(prof.key_averages().table(sort_by=sort_by, row_limit=n_rows), file=sys.stderr)
 
 
-def peak_memory_gb(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated() / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kB -> GiB
-
-
-def benchmark(args):
+def benchmark(args, malloc):
     train_args, trainer = trainer_for(args)
     device = train_args.device
     crops = synthetic_crops(args, device)
-    phases = {'forward': 0.0, 'backward': 0.0, 'optimizer': 0.0}
-
-    def sync():
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-
-    for step in range(args.warmup + args.steps):
-        it = 100 + step
-        sync()
-        t0 = time.perf_counter()
-        loss = trainer.forward_loss(crops, epoch=1, it=it)
-        sync()
-        t1 = time.perf_counter()
-        trainer.backward(loss)
-        sync()
-        t2 = time.perf_counter()
-        trainer.optimizer_step(epoch=1, it=it)
-        sync()
-        t3 = time.perf_counter()
-        if step >= args.warmup:
-            for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
-                phases[name] += seconds / args.steps
+    phases, cpu_seconds, faults = time_steps(lambda it: trainer.forward_loss(crops, epoch=1, it=it), trainer.backward,
+                                lambda it: trainer.optimizer_step(epoch=1, it=it), args, device)
 
     if args.profile:
         print_profile(trainer, crops, args.profile)
@@ -169,12 +112,12 @@ def benchmark(args):
         'batch_size': args.batch_size, 'crops': f"2x{args.global_size}+" + '+'.join(
             f"{n}x{s}" for n, s in zip(args.local_crops_number, args.local_size)),
         'out_dim': args.out_dim, 'dense': args.use_dense_prediction, 'device': str(device),
-        'threads': torch.get_num_threads(), 'malloc': os.environ.get('ESVIT_MALLOC', 'system'),
+        'threads': torch.get_num_threads(), 'malloc': malloc,
         'flush_denormal': args.flush_denormal,
         'images_per_s': args.batch_size / step_time, 'seconds_per_step': step_time,
         **{f'{name}_s': seconds for name, seconds in phases.items()},
-        'data_s_per_batch_1_worker': time_data_pipeline(args, train_args) if args.data else None,
-        'peak_memory_gb': peak_memory_gb(device), 'gflop_per_step': flops / 1e9,
+        'cpu_seconds_per_step': cpu_seconds, 'minor_faults_per_step': faults,
+        'peak_memory_mb': peak_memory_mb(device), 'gflop_per_step': flops / 1e9,
         'achieved_gflops': flops / 1e9 / step_time, 'matmul_peak_gflops': peak / 1e9,
         'fraction_of_peak': flops / step_time / peak,
     }
@@ -182,11 +125,11 @@ def benchmark(args):
 
 
 SWEEP = [  # (precision, benchmark flags): the plain path, then each switch turned on in turn
-    ('fp32', ['--tcmalloc', 'False', '--flush_denormal', 'False']),
-    ('fp32', ['--tcmalloc', 'False']),
+    ('fp32', ['--malloc', 'system', '--flush_denormal', 'False']),
+    ('fp32', ['--malloc', 'system']),
     ('fp32', []),
     ('fp32', ['--train_args', '--clip_mode global']),
-    ('bf16', ['--tcmalloc', 'False', '--flush_denormal', 'False']),
+    ('bf16', ['--malloc', 'system', '--flush_denormal', 'False']),
     ('bf16', []),
     ('auto', []),
 ]  # --compile True is left out: compiling the Swin step on a 2-core CPU did not finish within 15 minutes
@@ -200,21 +143,21 @@ def sweep(args):
                '--local_size', *map(str, args.local_size), '--local_crops_number', *map(str, args.local_crops_number),
                '--out_dim', str(args.out_dim), '--use_dense_prediction', str(args.use_dense_prediction),
                '--precision', precision, *flags, '--steps', str(args.steps), '--warmup', str(args.warmup),
-               '--data', 'False', '--json', '/tmp/esvit_bench_row.json', *(args.opts or [])]
+               '--json', '/tmp/esvit_bench_row.json', *(args.opts or [])]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{precision} {' '.join(flags)}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
         with open('/tmp/esvit_bench_row.json') as f:
             rows.append(json.load(f))
-    header = ('| precision | malloc | flush denormal | compile | options | images/s | s/step | fwd | bwd | opt | peak GB '
+    header = ('| precision | malloc | flush denormal | compile | options | images/s | s/step | fwd | bwd | opt | peak MB '
               '| GFLOP/step | % of peak |')
     lines = [header, '|' + '---|' * 13]
     for r in rows:
-        malloc = 'tcmalloc' if 'tcmalloc' in r['malloc'] else 'glibc'
+        malloc = next((name for name in ('tcmalloc', 'mimalloc') if name in r['malloc']), 'glibc')
         lines.append(f"| {r['precision']} | {malloc} | {r['flush_denormal']} | {r['compile']} | {r['train_args'] or '-'} | "
                      f"{r['images_per_s']:.2f} | {r['seconds_per_step']:.2f} | {r['forward_s']:.2f} | "
-                     f"{r['backward_s']:.2f} | {r['optimizer_s']:.2f} | {r['peak_memory_gb']:.2f} | "
+                     f"{r['backward_s']:.2f} | {r['optimizer_s']:.2f} | {r['peak_memory_mb']:.0f} | "
                      f"{r['gflop_per_step']:.0f} | {100 * r['fraction_of_peak']:.0f} % |")
     table = '\n'.join(lines)
     print(table)
@@ -224,12 +167,12 @@ def sweep(args):
 
 def main():
     args = get_args()
-    if not args.sweep:  # a sweep runs each row in a subprocess, with or without tcmalloc
-        utils.setup_cpu_runtime(args.tcmalloc, args.flush_denormal)
-    os.chdir(ROOT)
-    if args.sweep:
+    if args.sweep:  # each row in a subprocess, with its own allocator
+        os.chdir(ROOT)
         return sweep(args)
-    result = benchmark(args)
+    malloc = utils.setup_cpu_runtime(args.malloc, args.flush_denormal)
+    os.chdir(ROOT)
+    result = benchmark(args, malloc)
     print(json.dumps(result, indent=1))
     if args.json:
         utils.save_json(result, args.json)

@@ -87,12 +87,9 @@ def test_dino_multicrop_small_cpu_sizes_from_a_28px_image():
 
 def test_dino_views_differ_and_solarize_blur_only_where_configured():
     transform = DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), [1], [32], global_crops_size=64)
-    first, second, local = transform.global_views[0], transform.global_views[1], transform.local_views[0]
-    names = [[type(step).__name__ for step in view.transforms] for view in (first, second, local)]
-    assert 'RandomSolarize' in names[1] and 'RandomSolarize' not in names[0] + names[2]
-    blur_p = [next(s.p for s in view.transforms if type(s).__name__ == 'RandomApply' and
-                   type(s.transforms[0]).__name__ == 'PILGaussianBlur') for view in (first, second, local)]
-    assert blur_p == [1.0, 0.1, 0.5]
+    views = transform.global_views + transform.local_views
+    assert [(v.blur_p, v.solarize_p) for v in views] == [(1.0, 0.0), (0.1, 0.2), (0.5, 0.0)]
+    assert [v.scale for v in views] == [(0.4, 1.0), (0.4, 1.0), (0.05, 0.4)]  # how often: tests/test_augmentation.py
     image = random_image(80)
     torch.manual_seed(0)
     a, b, _ = transform(image)

@@ -1,0 +1,136 @@
+"""Time the data pipeline as one DataLoader worker runs it: JPEG decode + DINO multi-crop (2 x 224 + 8 x 96 by
+default) + collate, one process and one thread, on real photos at their full size, for this project and for
+the original's ``DataAugmentationDINO`` (from a checkout of microsoft/esvit), interleaved round by round.
+
+    python scripts/bench_data.py --original_repo /tmp/orig_esvit --rounds 3 --json data.json
+
+The photos are the colour photographs that scikit-image and scikit-learn ship (bench-only dependencies:
+``pip install scikit-image scikit-learn``), written once as JPEG (quality 90) at full size into --photo_dir.
+This project's side decodes as its datasets do (``datasets.folder.load_image`` with the transform's
+``decode_size``: reduced-size JPEG decoding where no crop needs the full size); the original's as
+torchvision's ImageFolder does (``Image.open(path).convert('RGB')``). Each implementation runs in its own
+process (both have a top-level ``datasets`` package). Reported: images per second of process CPU time (per
+core; less sensitive to other loads on the machine than wall time) and of wall time, the median over rounds.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SKIMAGE_PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'immunohistochemistry', 'hubble_deep_field', 'retina')
+SKLEARN_PHOTOS = ('china.jpg', 'flower.jpg')
+IMPLEMENTATIONS = ('ours', 'original')
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser('EsViT data-pipeline benchmark (decode + multi-crop + collate, one thread)')
+    p.add_argument('--original_repo', default='', help='a checkout of microsoft/esvit (empty: time ours only)')
+    p.add_argument('--photo_dir', default=os.path.join(tempfile.gettempdir(), 'esvit_bench_photos'))
+    p.add_argument('--global_size', type=int, default=224)
+    p.add_argument('--local_size', type=int, default=96)
+    p.add_argument('--local_crops_number', type=int, default=8)
+    p.add_argument('--global_crops_scale', type=float, nargs=2, default=(0.4, 1.0))
+    p.add_argument('--local_crops_scale', type=float, nargs=2, default=(0.05, 0.4))
+    p.add_argument('--batch_size', type=int, default=9, help='images per collated batch')
+    p.add_argument('--passes', type=int, default=2, help='passes over the photos per round')
+    p.add_argument('--rounds', type=int, default=3)
+    p.add_argument('--json', default='')
+    p.add_argument('--worker', choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def write_photos(photo_dir):
+    """The bench photos as full-size JPEG files in photo_dir (written once); returns their paths."""
+    paths = [os.path.join(photo_dir, name if name.endswith('.jpg') else f'{name}.jpg')
+             for name in SKIMAGE_PHOTOS + SKLEARN_PHOTOS]
+    if all(os.path.isfile(path) for path in paths):
+        return paths
+    try:
+        import skimage.data
+        import sklearn.datasets
+    except ImportError:
+        sys.exit('bench_data.py needs the photos of scikit-image and scikit-learn: pip install scikit-image scikit-learn')
+    from PIL import Image
+    os.makedirs(photo_dir, exist_ok=True)
+    arrays = [getattr(skimage.data, name)() for name in SKIMAGE_PHOTOS] + \
+             [sklearn.datasets.load_sample_image(name) for name in SKLEARN_PHOTOS]
+    for path, array in zip(paths, arrays):
+        Image.fromarray(array).save(path, quality=90)
+    return paths
+
+
+def pipeline(args):
+    """(load(path) -> PIL image, transform) of the implementation ``args.worker``."""
+    from PIL import Image
+    if args.worker == 'ours':
+        sys.path.insert(0, ROOT)
+        from datasets import DataAugmentationDINO
+        from datasets.folder import load_image
+        transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, [args.local_crops_number],
+                                         [args.local_size], args.global_size)
+        return (lambda path: load_image(path, transform.decode_size)), transform
+    sys.path.insert(0, os.path.abspath(args.original_repo))
+    from datasets.build import DataAugmentationDINO  # the original's (its datasets/build.py)
+    if args.global_size != 224:
+        sys.exit("the original's DataAugmentationDINO has 224-px global crops only")
+    transform = DataAugmentationDINO(tuple(args.global_crops_scale), tuple(args.local_crops_scale),
+                                     [args.local_crops_number], [args.local_size])
+    return (lambda path: Image.open(path).convert('RGB')), transform  # torchvision's ImageFolder loader
+
+
+def run_worker(args):
+    """One round in this process: decode + transform + collate of every photo ``args.passes`` times."""
+    import torch
+    torch.set_num_threads(1)
+    load, transform = pipeline(args)
+    paths = write_photos(args.photo_dir)
+    torch.manual_seed(0)
+    torch.utils.data.default_collate([(transform(load(path)), 0) for path in paths[:2]])  # warm-up
+    queue = paths * args.passes
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for start in range(0, len(queue), args.batch_size):
+        torch.utils.data.default_collate([(transform(load(path)), 0) for path in queue[start:start + args.batch_size]])
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    print(json.dumps({'images': len(queue), 'cpu_s': cpu, 'wall_s': wall}))
+
+
+def main():
+    args = get_args()
+    if args.worker:
+        return run_worker(args)
+    write_photos(args.photo_dir)
+    implementations = IMPLEMENTATIONS if args.original_repo else IMPLEMENTATIONS[:1]
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    runs = {name: [] for name in implementations}
+    load_before = os.getloadavg()
+    for _ in range(args.rounds):
+        for name in implementations:  # interleaved, so that a change of load hits both
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], '--worker', name],
+                                  env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{name}: failed\n{done.stderr[-3000:]}")
+            runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    result = {'crops': f"2x{args.global_size}+{args.local_crops_number}x{args.local_size}", 'threads': 1,
+              'photos': len(SKIMAGE_PHOTOS + SKLEARN_PHOTOS), 'load_average_before': load_before,
+              'load_average_after': os.getloadavg()}
+    for name, rounds in runs.items():
+        result[name] = {
+            'images_per_cpu_s': statistics.median(r['images'] / r['cpu_s'] for r in rounds),
+            'images_per_wall_s': statistics.median(r['images'] / r['wall_s'] for r in rounds),
+            'rounds': rounds}
+    if 'original' in result:
+        for measure in ('images_per_cpu_s', 'images_per_wall_s'):
+            result[f'speedup_{measure}'] = result['ours'][measure] / result['original'][measure]
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, 'w') as f:
+            f.write(json.dumps(result, indent=1) + '\n')
+
+
+if __name__ == '__main__':
+    main()
