@@ -28,19 +28,24 @@ IMPLEMENTATIONS = ('ours', 'original')
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser('EsViT data-pipeline benchmark (decode + multi-crop + collate, one thread)')
+    p = argparse.ArgumentParser('EsViT data-pipeline benchmark (decode + multi-crop + collate, one thread)',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--original_repo', default='', help='a checkout of microsoft/esvit (empty: time ours only)')
-    p.add_argument('--photo_dir', default=os.path.join(tempfile.gettempdir(), 'esvit_bench_photos'))
-    p.add_argument('--global_size', type=int, default=224)
-    p.add_argument('--local_size', type=int, default=96)
-    p.add_argument('--local_crops_number', type=int, default=8)
-    p.add_argument('--global_crops_scale', type=float, nargs=2, default=(0.4, 1.0))
-    p.add_argument('--local_crops_scale', type=float, nargs=2, default=(0.05, 0.4))
+    p.add_argument('--photo_dir', default=os.path.join(tempfile.gettempdir(), 'esvit_bench_photos'),
+                   help='where the full-size JPEG photos (scikit-image, scikit-learn) are written and read')
+    p.add_argument('--global_size', type=int, default=224, help='side of the 2 global crops')
+    p.add_argument('--local_size', type=int, default=96, help='side of the local crops')
+    p.add_argument('--local_crops_number', type=int, default=8, help='local crops per image')
+    p.add_argument('--global_crops_scale', type=float, nargs=2, default=(0.4, 1.0),
+                   help='area range of the global crops, as main_esvit.py')
+    p.add_argument('--local_crops_scale', type=float, nargs=2, default=(0.05, 0.4),
+                   help='area range of the local crops, as main_esvit.py')
     p.add_argument('--batch_size', type=int, default=9, help='images per collated batch')
     p.add_argument('--passes', type=int, default=2, help='passes over the photos per round')
-    p.add_argument('--rounds', type=int, default=3)
-    p.add_argument('--json', default='')
-    p.add_argument('--worker', choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    p.add_argument('--rounds', type=int, default=3, help='interleaved rounds of ours and the original (medians)')
+    p.add_argument('--json', default='', help='write the results here')
+    p.add_argument('--worker', choices=IMPLEMENTATIONS,
+                   help='internal: time one implementation in this process (the rounds run each in a fresh one)')
     return p.parse_args(argv)
 
 
