@@ -12,15 +12,17 @@ from datasets.scenes import build_scenes  # noqa: E402
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('Scene benchmark')
-    p.add_argument('--output_dir', required=True)
+    p = argparse.ArgumentParser('Scene benchmark', formatter_class=utils.HelpFormatter)
+    p.add_argument('--output_dir', required=True,
+                   help='where the VOC layout (JPEGImages, SegmentationClass, ImageSets) and the unlabelled copies go')
     p.add_argument('--source', default='demo',
                    help="demo: the embedded subset; full: /usr/share/datasets/fashion-mnist; or a folder of IDX files")
-    p.add_argument('--num_train', default=2000, type=int)
-    p.add_argument('--num_val', default=500, type=int)
-    p.add_argument('--seed', default=0, type=int)
+    p.add_argument('--num_train', default=2000, type=int, help='train scenes')
+    p.add_argument('--num_val', default=500, type=int, help="val scenes (made of the source's test-split garments)")
+    p.add_argument('--seed', default=0, type=int, help='the scenes are a function of the seed')
     p.add_argument('--classes', default=None, type=int, nargs='+', help='Fashion-MNIST labels used (default: all)')
-    p.add_argument('--canvas_size', default=64, type=int)
+    p.add_argument('--canvas_size', default=64, type=int,
+                   help='side of each scene; 64 px gives the scene Swin 4x4 last-stage tokens')
     return p
 
 

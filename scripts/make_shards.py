@@ -19,10 +19,10 @@ from datasets.shards import write_shards  # noqa: E402
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('Pack images into WebDataset tar shards')
+    p = argparse.ArgumentParser('Pack images into WebDataset tar shards', formatter_class=utils.HelpFormatter)
     p.add_argument('--data_path', required=True, help='class folders, an unlabelled folder or a .txt list of paths')
     p.add_argument('--output', required=True, help="shard path with a %%d field, e.g. 'shards/train-%%06d.tar'")
-    p.add_argument('--images_per_shard', default=5000, type=int, help='images in each shard (default: 5000)')
+    p.add_argument('--images_per_shard', default=5000, type=int, help='images in each shard')
     return p
 
 

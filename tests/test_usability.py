@@ -180,6 +180,7 @@ def script_parser(script, monkeypatch):
         raise ParserCaught(parser)
     monkeypatch.setattr(argparse.ArgumentParser, 'parse_known_args', catch)
     monkeypatch.setattr(sys, 'argv', [script])
+    monkeypatch.syspath_prepend(str((ROOT / script).parent))  # as `python scripts/x.py` puts scripts/ first
     with pytest.raises(ParserCaught) as caught:
         runpy.run_path(str(ROOT / script), run_name='__main__')
     return caught.value.args[0]
