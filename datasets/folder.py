@@ -90,6 +90,16 @@ class RobustImageDataset(Dataset):
                 self._flag_bad(candidate, error)
         raise DataError(f"no readable image left in {self.root}")
 
+    def read_image(self, path):
+        """The image at ``path`` (a subclass reads other kinds of sample)."""
+        with open(path, 'rb') as file:
+            return self.decode(file)
+
+    def decode(self, file):
+        """Decode ``file`` (a path or binary file object) with :func:`load_image`, at reduced size where the
+        transform allows it (its ``decode_size``, e.g. DataAugmentationDINO's)."""
+        return load_image(file, getattr(self.transform, 'decode_size', None))
+
     def describe(self, path):
         """How log and error messages name a sample."""
         return path
@@ -133,10 +143,6 @@ class ImageFolderDataset(RobustImageDataset, ImageFolder):
         except FileNotFoundError as error:  # no class folder, or a class folder without images
             raise DataError(f"data folder {root} holds no usable class folders: {error}") from None
         self._init_bad_image_policy(on_bad_image)
-
-    def read_image(self, path):
-        with open(path, 'rb') as file:
-            return load_image(file, getattr(self.transform, 'decode_size', None))
 
 
 def _zip_class_members(zip_path, prefix):
@@ -184,7 +190,7 @@ class ZipImageFolder(RobustImageDataset):
     def read_image(self, member):
         if self._archive_pid != os.getpid():
             self._archive, self._archive_pid = zipfile.ZipFile(self.root), os.getpid()
-        return load_image(io.BytesIO(self._archive.read(member)), getattr(self.transform, 'decode_size', None))
+        return self.decode(io.BytesIO(self._archive.read(member)))
 
     def describe(self, member):
         return f"{member} in {self.root}"

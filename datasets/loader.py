@@ -204,7 +204,6 @@ def build_loader(dataset, batch_size, num_workers, distributed, seed=0, drop_las
         return dataset.build_loader(batch_size, num_workers, step_batches, nice)
     if sampler == 'chunk':
         from .samplers import ChunkEpochSampler
-        import utils
         sampler = ChunkEpochSampler(getattr(dataset, 'chunk_sizes', [len(dataset)]), seed=seed,
                                     num_replicas=utils.get_world_size(), rank=utils.get_rank())
     elif distributed:

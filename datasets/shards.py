@@ -161,7 +161,7 @@ class ShardDataset(IterableDataset):
         samples = itertools.islice(self.raw_samples(shards, rank, worker), skipped, None)
         while wanted > 0:
             sample = next(samples)
-            image = self.decode(sample)
+            image = self.decode(sample, getattr(self.transform, 'decode_size', None))
             if image is None:
                 continue
             with seeded_rng(sample_seed(self.seed, self.epoch, sample_index(sample['__key__']))):
@@ -170,14 +170,15 @@ class ShardDataset(IterableDataset):
             wanted -= 1
             yield views, label
 
-    def decode(self, sample):
-        """The image of ``sample``, or None for an unreadable one with on_bad_image='skip'."""
+    def decode(self, sample, decode_size=None):
+        """The image of ``sample``, or None for an unreadable one with on_bad_image='skip'; ``decode_size``: see
+        :func:`datasets.folder.load_image`."""
         name = f"{sample['__key__']} in {sample.get('__url__', self.root)}"
         data = next((sample[suffix] for suffix in IMAGE_SUFFIXES if suffix in sample), None)
         try:
             if data is None:
                 raise ValueError(f"no image file ({', '.join(IMAGE_SUFFIXES[:3])}, ...) in the sample")
-            return load_image(io.BytesIO(data))
+            return load_image(io.BytesIO(data), decode_size)
         except DECODE_ERRORS as error:
             reason = f"{type(error).__name__}: {error}".splitlines()[0]
             if self.on_bad_image == 'fail':

@@ -18,7 +18,6 @@ import os
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .folder import DataError, ImageFolderDataset, RobustImageDataset, build_dataset as build_folder_dataset
-from .folder import load_image
 
 LIST_SUFFIXES = ('.txt', '.lst', '.list')
 
@@ -31,10 +30,6 @@ class FileImagesDataset(RobustImageDataset):
         self.targets = [target for _, target in samples]
         self.classes = sorted({target for target in self.targets if target >= 0})
         self._init_bad_image_policy(on_bad_image)
-
-    def read_image(self, path):
-        with open(path, 'rb') as file:
-            return load_image(file)
 
 
 def image_files(root):

@@ -43,10 +43,9 @@ def denormalize(images):
 
 
 def colour_jitter():
-    """The colour part of DINO's view augmentation (PIL -> PIL): colour jitter with probability 0.8, then
-    grayscale with probability 0.2."""
-    return [T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2)]
+    """The colour part of DINO's view augmentation (PIL -> PIL): colour jitter (:class:`ColourJitter`) with
+    probability 0.8, then grayscale with probability 0.2."""
+    return [T.RandomApply([ColourJitter()], p=0.8), T.RandomGrayscale(p=0.2)]
 
 
 def center_view(image_size, resize_size=None):

@@ -12,7 +12,7 @@ import glob
 import io
 import os
 
-from .folder import DataError, RobustImageDataset, load_image
+from .folder import DataError, RobustImageDataset
 
 
 def tsv_files(data_path):
@@ -93,7 +93,7 @@ class TSVDataset(RobustImageDataset):
             image_bytes = base64.b64decode(columns[2], validate=True)
         except binascii.Error as error:
             raise ValueError(f"the image column is not base64 ({error})") from None
-        return load_image(io.BytesIO(image_bytes))
+        return self.decode(io.BytesIO(image_bytes))
 
     def describe(self, sample):
         file_index, offset = sample

@@ -150,7 +150,6 @@ def train_esvit(args):
     config = load_config(args)
     if utils.is_main_process():
         save_config(config, os.path.join(args.output_dir, 'config.yaml'))
-    if utils.is_main_process():
         utils.save_json(utils.plain_args(args), os.path.join(args.output_dir, 'args.json'))
     if getattr(args, 'demo_model', False) and args.data_path is not None:
         print(f"No --arch or --cfg: the demo model ({args.cfg}) with the demo's settings on {args.data_path}")

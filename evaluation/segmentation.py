@@ -27,11 +27,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 import utils
-from datasets import build_loader, set_epoch, worker_init, worker_nice
+from datasets import WorkerLoader, build_loader, set_epoch, worker_nice
 from datasets.scenes import demo_scenes_path
 from datasets.voc import (IGNORE_INDEX, VOCSegmentation, segmentation_train_transform, segmentation_val_transform)
 from .backbone import build_frozen_backbone
@@ -169,9 +169,8 @@ def build_segmentation_data(args, encode, train_set, val_set, num_labels):
     are computed once (centre crops) and training gets them as they are."""
     device = args.device
     if not args.cache_features:
-        val_loader = DataLoader(val_set, sampler=RankShard(len(val_set)), batch_size=args.batch_size_per_gpu,
-                                num_workers=args.num_workers, worker_init_fn=partial(worker_init,
-                                                                                    nice=worker_nice(device)))
+        val_loader = WorkerLoader(val_set, sampler=RankShard(len(val_set)), batch_size=args.batch_size_per_gpu,
+                                  num_workers=args.num_workers, nice=worker_nice(device))
         train_loader = build_loader(train_set, args.batch_size_per_gpu, args.num_workers, utils.is_dist(),
                                     seed=args.seed, drop_last=False, nice=worker_nice(device))
         return train_loader, encode, SegmentationValidation(num_labels, val_loader, encode)
