@@ -4,8 +4,8 @@ the original's ``DataAugmentationDINO`` (from a checkout of microsoft/esvit), in
 
     python scripts/bench_data.py --original_repo /tmp/orig_esvit --rounds 3 --json data.json
 
-The photos are the colour photographs that scikit-image and scikit-learn ship (bench-only dependencies:
-``pip install scikit-image scikit-learn``), written once as JPEG (quality 90) at full size into --photo_dir.
+The photos are the public-domain colour photographs that scikit-image ships, kept as full-size JPEG files in
+scripts/bench_photos/ (its README names their sources), so the benchmark needs no extra package.
 This project's side decodes as its datasets do (``datasets.folder.load_image`` with the transform's
 ``decode_size``: reduced-size JPEG decoding where no crop needs the full size); the original's as
 torchvision's ImageFolder does (``Image.open(path).convert('RGB')``). Each implementation runs in its own
@@ -13,17 +13,16 @@ process (both have a top-level ``datasets`` package). Reported: images per secon
 core; less sensitive to other loads on the machine than wall time) and of wall time, the median over rounds.
 """
 import argparse
+import glob
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SKIMAGE_PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'immunohistochemistry', 'hubble_deep_field', 'retina')
-SKLEARN_PHOTOS = ('china.jpg', 'flower.jpg')
+PHOTO_DIR = os.path.join(ROOT, 'scripts', 'bench_photos')
 IMPLEMENTATIONS = ('ours', 'original')
 
 
@@ -31,8 +30,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser('EsViT data-pipeline benchmark (decode + multi-crop + collate, one thread)',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--original_repo', default='', help='a checkout of microsoft/esvit (empty: time ours only)')
-    p.add_argument('--photo_dir', default=os.path.join(tempfile.gettempdir(), 'esvit_bench_photos'),
-                   help='where the full-size JPEG photos (scikit-image, scikit-learn) are written and read')
+    p.add_argument('--photo_dir', default=PHOTO_DIR, help='the JPEG photos decoded and augmented')
     p.add_argument('--global_size', type=int, default=224, help='side of the 2 global crops')
     p.add_argument('--local_size', type=int, default=96, help='side of the local crops')
     p.add_argument('--local_crops_number', type=int, default=8, help='local crops per image')
@@ -40,7 +38,7 @@ def get_args(argv=None):
                    help='area range of the global crops, as main_esvit.py')
     p.add_argument('--local_crops_scale', type=float, nargs=2, default=(0.05, 0.4),
                    help='area range of the local crops, as main_esvit.py')
-    p.add_argument('--batch_size', type=int, default=9, help='images per collated batch')
+    p.add_argument('--batch_size', type=int, default=6, help='images per collated batch')
     p.add_argument('--passes', type=int, default=2, help='passes over the photos per round')
     p.add_argument('--rounds', type=int, default=3, help='interleaved rounds of ours and the original (medians)')
     p.add_argument('--json', default='', help='write the results here')
@@ -49,23 +47,11 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def write_photos(photo_dir):
-    """The bench photos as full-size JPEG files in photo_dir (written once); returns their paths."""
-    paths = [os.path.join(photo_dir, name if name.endswith('.jpg') else f'{name}.jpg')
-             for name in SKIMAGE_PHOTOS + SKLEARN_PHOTOS]
-    if all(os.path.isfile(path) for path in paths):
-        return paths
-    try:
-        import skimage.data
-        import sklearn.datasets
-    except ImportError:
-        sys.exit('bench_data.py needs the photos of scikit-image and scikit-learn: pip install scikit-image scikit-learn')
-    from PIL import Image
-    os.makedirs(photo_dir, exist_ok=True)
-    arrays = [getattr(skimage.data, name)() for name in SKIMAGE_PHOTOS] + \
-             [sklearn.datasets.load_sample_image(name) for name in SKLEARN_PHOTOS]
-    for path, array in zip(paths, arrays):
-        Image.fromarray(array).save(path, quality=90)
+def photo_paths(photo_dir):
+    """The .jpg files of ``photo_dir``, sorted."""
+    paths = sorted(glob.glob(os.path.join(photo_dir, '*.jpg')))
+    if not paths:
+        sys.exit(f"no .jpg photos in --photo_dir {photo_dir}")
     return paths
 
 
@@ -93,7 +79,7 @@ def run_worker(args):
     import torch
     torch.set_num_threads(1)
     load, transform = pipeline(args)
-    paths = write_photos(args.photo_dir)
+    paths = photo_paths(args.photo_dir)
     torch.manual_seed(0)
     torch.utils.data.default_collate([(transform(load(path)), 0) for path in paths[:2]])  # warm-up
     queue = paths * args.passes
@@ -108,7 +94,7 @@ def main():
     args = get_args()
     if args.worker:
         return run_worker(args)
-    write_photos(args.photo_dir)
+    photos = photo_paths(args.photo_dir)
     implementations = IMPLEMENTATIONS if args.original_repo else IMPLEMENTATIONS[:1]
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
     runs = {name: [] for name in implementations}
@@ -121,7 +107,7 @@ def main():
                 sys.exit(f"{name}: failed\n{done.stderr[-3000:]}")
             runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
     result = {'crops': f"2x{args.global_size}+{args.local_crops_number}x{args.local_size}", 'threads': 1,
-              'photos': len(SKIMAGE_PHOTOS + SKLEARN_PHOTOS), 'load_average_before': load_before,
+              'photos': len(photos), 'load_average_before': load_before,
               'load_average_after': os.getloadavg()}
     for name, rounds in runs.items():
         result[name] = {
