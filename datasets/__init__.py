@@ -12,6 +12,9 @@
         -> pre-training: also an unlabelled folder or a list of paths (FileImagesDataset, target -1), the
            original's TSV files (tsv.TSVDataset, .chunk_sizes) or WebDataset shards (shards.ShardDataset, a
            stream with its own loader); see datasets/sources.py
+    transform = DataAugmentationDINO(..., colour_on_device=True)  # views: (3 x S x S uint8, 12 colour draws)
+    DeviceColour(device)(crops) -> the views coloured and normalised on the training device, batched
+        (datasets/device_colour.py; `--colour_augment_on device`)
     transform = DataAugmentationDEIT(local_crops_number, local_crops_size, global_crops_size, **timm_options)
     to_normalized_tensor(pil_image) -> 3 x H x W, ImageNet-normalised (the last step of every transform)
     normalize(images) / denormalize(images)  # [0, 1] RGB tensors <-> the backbone's input
@@ -48,6 +51,7 @@ from .sources import FileImagesDataset, build_dataset, image_list, unlabelled_fo
 from .loader import (DistributedEpochSampler, EpochRandomSampler, WorkerLoader, build_loader, cap_workers, set_epoch,
                      worker_init, worker_nice)
 from .deit_aug import DataAugmentationDEIT
+from .device_colour import DeviceColour
 from .transforms import (DataAugmentationDINO, MultiCropTransform, build_transform,
                          center_view, colour_jitter, denormalize, eval_transform, normalize, probe_train_transform,
                          to_normalized_tensor)
@@ -58,7 +62,7 @@ __all__ = [
     'unlabelled_folder',
     'DistributedEpochSampler', 'EpochRandomSampler', 'WorkerLoader', 'build_loader', 'cap_workers', 'set_epoch',
     'worker_init', 'worker_nice',
-    'DataAugmentationDEIT', 'DataAugmentationDINO', 'MultiCropTransform', 'build_transform',
+    'DataAugmentationDEIT', 'DataAugmentationDINO', 'DeviceColour', 'MultiCropTransform', 'build_transform',
     'center_view', 'colour_jitter', 'denormalize', 'eval_transform', 'normalize', 'probe_train_transform',
     'to_normalized_tensor',
 ]

@@ -6,6 +6,7 @@ group by group, in the order of `local_crops_size` (e.g. numbers [6, 2] and size
 """
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,6 +31,13 @@ def to_normalized_tensor(image):
     pixels = pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1)   # 1|3 x H x W
     out = torch.empty(3, *pixels.shape[1:])
     return torch.addcmul(_NORMALIZE_SHIFT, pixels, _NORMALIZE_SCALE, out=out)       # 1 band: broadcast to 3
+
+
+def to_uint8_tensor(image):
+    """PIL image in RGB or 'L' -> 3 x H x W uint8 (a grey band repeated), as :func:`to_normalized_tensor` without
+    the normalisation: what views whose colour steps run on the training device send."""
+    pixels = torch.from_numpy(np.array(image))
+    return pixels.expand(3, *pixels.shape) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
 
 
 def normalize(images):
@@ -151,16 +159,24 @@ def adjust_hue(image, factor):
 class ColourJitter:
     """torchvision's ColorJitter(0.4, 0.4, 0.2, 0.1) on a PIL image: the same random factors and order (drawn by
     ``T.ColorJitter.get_params``) and the same pixels up to rounding, with brightness and contrast as table
-    lookups."""
+    lookups. ``draw()`` and ``apply()`` split the random part from the pixels (the views draw in the DataLoader
+    workers and may apply on the training device, datasets/device_colour.py)."""
     brightness, contrast, saturation, hue = (0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)
+    steps = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # indexed by the drawn order
+
+    def draw(self):
+        """(order, factors): a permutation of the 4 steps (0 brightness, 1 contrast, 2 saturation, 3 hue) and
+        the 4 factors (hue: a shift in [-0.1, 0.1] of the hue circle)."""
+        order, *factors = T.ColorJitter.get_params(self.brightness, self.contrast, self.saturation, self.hue)
+        return order.tolist(), [float(f) for f in factors]
+
+    def apply(self, image, order, factors):
+        for index in order:
+            image = self.steps[index](image, factors[index])
+        return image
 
     def __call__(self, image):
-        order, b, c, s, h = T.ColorJitter.get_params(self.brightness, self.contrast, self.saturation, self.hue)
-        steps = [(adjust_brightness, b), (adjust_contrast, c), (adjust_saturation, s), (adjust_hue, h)]
-        for index in order.tolist():
-            step, factor = steps[index]
-            image = step(image, factor)
-        return image
+        return self.apply(image, *self.draw())
 
 
 class HalvingPyramid:
@@ -179,6 +195,25 @@ class HalvingPyramid:
         return self.levels[k]
 
 
+class ViewColour(NamedTuple):
+    """The random colour choices of one view, drawn in the order of the original's transforms: colour jitter
+    (``jitter``: (order, factors) of :meth:`ColourJitter.draw`, or None), grayscale, Gaussian blur radius
+    (0: none) and solarisation."""
+    jitter: tuple | None
+    grey: bool
+    blur_radius: float
+    solarize: bool
+
+    # as_tensor() layout: [jitter?, order x 4, factor x 4 (brightness, contrast, saturation, hue), grey?,
+    # blur radius, solarize?]
+    SIZE = 12
+
+    def as_tensor(self):
+        order, factors = self.jitter or ([0, 1, 2, 3], [1.0, 1.0, 1.0, 0.0])
+        return torch.tensor([float(self.jitter is not None), *order, *factors, float(self.grey), self.blur_radius,
+                             float(self.solarize)])
+
+
 class DINOView:
     """One view of DINO's augmentation, PIL image -> normalised 3 x size x size tensor: a bicubic random resized
     crop (scale ``scale``, ratio 3/4..4/3), horizontal flip (p 0.5), colour jitter (p 0.8), grayscale (p 0.2),
@@ -187,17 +222,35 @@ class DINOView:
     The original's steps, probabilities and PIL operations, with fewer copies: the crop box is drawn on the image
     as the original draws it, then resized straight from the image (``resize(box=...)``) or from the image's
     half, quarter or eighth (:class:`HalvingPyramid`, shared by the views of an image) where the box there still
-    has at least the view's size (the trade-off of decoding a JPEG at reduced size), brightness and contrast are table lookups, a grayscale view stays one band
-    (its blur and solarisation then work on one band; :func:`to_normalized_tensor` broadcasts it), and the
-    uint8 pixels become the normalised tensor in one pass."""
+    has at least the view's size (the trade-off of decoding a JPEG at reduced size), brightness and contrast are
+    table lookups, a grayscale view stays one band (its blur and solarisation then work on one band;
+    :func:`to_normalized_tensor` broadcasts it), and the uint8 pixels become the normalised tensor in one pass.
 
-    def __init__(self, size, scale, blur_p, solarize_p=0.0):
+    With ``colour_on_device`` the view stops after the crop and flip: it returns (3 x size x size uint8, its
+    :class:`ViewColour` as a tensor), the same random draws, for datasets/device_colour.py to apply batched on
+    the training device."""
+
+    def __init__(self, size, scale, blur_p, solarize_p=0.0, colour_on_device=False):
         self.size, self.scale, self.blur_p, self.solarize_p = int(size), tuple(scale), blur_p, solarize_p
+        self.colour_on_device = colour_on_device
         self.jitter = ColourJitter()
 
     def __call__(self, image):
         """``image``: a PIL image or a :class:`HalvingPyramid` of one."""
         pyramid = image if isinstance(image, HalvingPyramid) else HalvingPyramid(image)
+        view = self.resized_crop(pyramid)
+        flip, jitter, grey, blur, radius, solarize = torch.rand(6).tolist()
+        if flip < 0.5:
+            view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        colour = ViewColour(jitter=self.jitter.draw() if jitter < 0.8 else None, grey=grey < 0.2,
+                            blur_radius=0.1 + 1.9 * radius if blur < self.blur_p else 0.0,
+                            solarize=solarize < self.solarize_p)
+        if self.colour_on_device:
+            return to_uint8_tensor(view), colour.as_tensor()
+        return to_normalized_tensor(self.apply_colour(view, colour))
+
+    def resized_crop(self, pyramid):
+        """The random resized crop, from the level of ``pyramid`` that still has the view's size in the box."""
         top, left, height, width = T.RandomResizedCrop.get_params(pyramid.base, self.scale, RESIZED_CROP_RATIO)
         k = 0
         while k < pyramid.max_level and min(width, height) >= self.size * 2 ** (k + 1):
@@ -206,19 +259,19 @@ class DINOView:
         shrink = source.width / pyramid.base.width  # 2^-k up to the rounding up of odd sizes
         box = (left * shrink, top * shrink, min((left + width) * shrink, source.width),
                min((top + height) * shrink, source.height))
-        view = source.resize((self.size, self.size), Image.BICUBIC, box=box)
-        flip, jitter, grey, blur, radius, solarize = torch.rand(6).tolist()
-        if flip < 0.5:
-            view = view.transpose(Image.FLIP_LEFT_RIGHT)
-        if jitter < 0.8:
-            view = self.jitter(view)
-        if grey < 0.2 and view.mode != 'L':
+        return source.resize((self.size, self.size), Image.BICUBIC, box=box)
+
+    def apply_colour(self, view, colour):
+        """The colour steps of ``colour`` (a :class:`ViewColour`) on a PIL view, in the original's order."""
+        if colour.jitter is not None:
+            view = self.jitter.apply(view, *colour.jitter)
+        if colour.grey and view.mode != 'L':
             view = view.convert('L')
-        if blur < self.blur_p:
-            view = view.filter(ImageFilter.GaussianBlur(radius=0.1 + 1.9 * radius))
-        if solarize < self.solarize_p:
+        if colour.blur_radius:
+            view = view.filter(ImageFilter.GaussianBlur(radius=colour.blur_radius))
+        if colour.solarize:
             view = ImageOps.solarize(view, threshold=128)
-        return to_normalized_tensor(view)
+        return view
 
     def min_source_side(self, width, height):
         """The shortest side a crop of a width x height image can have (area ``scale[0]``, the extreme ratio)."""
@@ -226,7 +279,7 @@ class DINOView:
 
     def __repr__(self):
         return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, blur_p={self.blur_p}, "
-                f"solarize_p={self.solarize_p})")
+                f"solarize_p={self.solarize_p}, colour_on_device={self.colour_on_device})")
 
 
 class DataAugmentationDINO(MultiCropTransform):
@@ -239,14 +292,18 @@ class DataAugmentationDINO(MultiCropTransform):
     ``decode_size(width, height)`` tells an image loader how far a JPEG may be decoded at reduced size
     (``PIL.Image.draft``, see ``datasets.folder.load_image``) with every crop it can draw still downscaled to
     its view.
+
+    With ``colour_on_device`` every view is (uint8 pixels, colour draws) and the colour steps are left to
+    ``datasets.DeviceColour`` on the training device (`--colour_augment_on device`).
     """
 
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number, local_crops_size=96,
-                 global_crops_size=224):
+                 global_crops_size=224, colour_on_device=False):
         local_groups = local_crop_groups(local_crops_number, local_crops_size)
-        global_views = [DINOView(global_crops_size, global_crops_scale, blur_p=1.0),
-                        DINOView(global_crops_size, global_crops_scale, blur_p=0.1, solarize_p=0.2)]
-        local_views = [DINOView(size, local_crops_scale, blur_p=0.5) for _, size in local_groups]
+        on_device = dict(colour_on_device=colour_on_device)
+        global_views = [DINOView(global_crops_size, global_crops_scale, blur_p=1.0, **on_device),
+                        DINOView(global_crops_size, global_crops_scale, blur_p=0.1, solarize_p=0.2, **on_device)]
+        local_views = [DINOView(size, local_crops_scale, blur_p=0.5, **on_device) for _, size in local_groups]
         super().__init__(global_views, local_views, global_crops_size, local_groups)
 
     def __call__(self, image):
@@ -260,12 +317,15 @@ class DataAugmentationDINO(MultiCropTransform):
         return math.ceil(width * factor), math.ceil(height * factor)
 
 
-def _dino_from_args(args, global_crops_size):
+def _dino_from_args(args, global_crops_size, colour_on_device):
     return DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                                args.local_crops_size, global_crops_size)
+                                args.local_crops_size, global_crops_size, colour_on_device=colour_on_device)
 
 
-def _deit_from_args(args, global_crops_size):
+def _deit_from_args(args, global_crops_size, colour_on_device):
+    if colour_on_device:
+        raise ValueError("--colour_augment_on device needs --aug-opt dino_aug (deit_aug's views are timm's "
+                         "transforms, applied in the DataLoader workers)")
     from .deit_aug import deit_from_args  # datasets/deit_aug.py builds on MultiCropTransform
     return deit_from_args(args, global_crops_size)
 
@@ -273,9 +333,10 @@ def _deit_from_args(args, global_crops_size):
 AUGMENTATIONS = {'dino_aug': _dino_from_args, 'deit_aug': _deit_from_args}
 
 
-def build_transform(args, global_crops_size=224):
-    """The `--aug-opt` multi-crop transform from parsed arguments (argument names of main_esvit.py)."""
+def build_transform(args, global_crops_size=224, colour_on_device=False):
+    """The `--aug-opt` multi-crop transform from parsed arguments (argument names of main_esvit.py); with
+    ``colour_on_device`` (dino_aug only) its views leave the colour steps to ``datasets.DeviceColour``."""
     if args.aug_opt not in AUGMENTATIONS:
         raise ValueError(f"unknown --aug-opt '{args.aug_opt}'; supported: {', '.join(AUGMENTATIONS)} "
                          f"(mocov2_aug and basic_aug are named in the original help but never implemented)")
-    return AUGMENTATIONS[args.aug_opt](args, global_crops_size)
+    return AUGMENTATIONS[args.aug_opt](args, global_crops_size, colour_on_device)

@@ -93,6 +93,13 @@ def get_args_parser():
                         '--global_crops_scale')
     p.add_argument('--local_crops_size', type=int, nargs='+', default=(96,), help='e.g. 96 128')
     p.add_argument('--aug-opt', type=str, default='dino_aug', help='augmentation policy (dino_aug)')
+    p.add_argument('--colour_augment_on', default='auto', choices=['auto', 'workers', 'device'],
+                   help='''where the colour steps of the dino_aug views run (jitter, grayscale, blur, solarisation):
+                   workers (PIL in the DataLoader workers, as the original) or device (batched on the training
+                   device; the workers then only decode, crop, resize and flip, and send uint8: 3.5x the images
+                   per worker core, so fewer cores keep a GPU fed). The random draws are the same either way, the
+                   pixels equal up to rounding. auto: device on CUDA, workers elsewhere (on a CPU the work would
+                   only move from the workers to the training process)''')
 
     # data
     p.add_argument('--data_path', default=None, type=str,

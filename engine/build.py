@@ -6,6 +6,7 @@ training run, scripts/benchmark.py and the tests.
 import torch
 
 import utils
+from datasets import DeviceColour
 from models import DINOHead, MultiCropWrapper, build_model, convert_sync_batchnorm
 from .health import HealthMonitor
 from .losses import DDINOLoss, DINOLoss
@@ -53,9 +54,17 @@ def build_loss(args):
     return loss
 
 
+def colour_on_device(args):
+    """--colour_augment_on resolved on ``args.device``: auto is the device on CUDA (with dino_aug)."""
+    if args.colour_augment_on == 'auto':
+        return args.device.type == 'cuda' and args.aug_opt == 'dino_aug'
+    return args.colour_augment_on == 'device'
+
+
 def build_trainer(args, config, steps_per_epoch):
     """A :class:`~engine.trainer.Trainer` for ``steps_per_epoch`` optimizer steps per epoch. ``args`` must have
     been through ``utils.init_distributed_mode`` (it sets ``args.device``)."""
     student, teacher = build_student_teacher(args, config)
     return Trainer(args, student, teacher, build_loss(args), build_optimizer(args, student),
-                   Schedules(args, steps_per_epoch), view_mixup=build_view_mixup(args))
+                   Schedules(args, steps_per_epoch), view_mixup=build_view_mixup(args),
+                   view_colour=DeviceColour(args.device) if colour_on_device(args) else None)

@@ -12,7 +12,7 @@ from analysis import attention_figure, network_input
 from config import load_config, save_config
 from datasets import build_dataset, build_loader, build_transform, demo_data_path, normalize, set_epoch, worker_nice
 from evaluation import OnlineKNN, load_backbone_weights
-from .build import build_trainer
+from .build import build_trainer, colour_on_device
 from .optim import images_per_step
 from .trainer import NonFiniteLoss, Stopped
 
@@ -26,6 +26,9 @@ def check_args(args):
                               f"{args.local_crops_size} must have the same length")
     if args.knn_freq < 0:
         raise utils.UserError(f"--knn_freq must be 0 (never) or a number of epochs, got {args.knn_freq}")
+    if args.colour_augment_on == 'device' and args.aug_opt != 'dino_aug':
+        raise utils.UserError(f"--colour_augment_on device needs --aug-opt dino_aug, not {args.aug_opt} (its "
+                              f"views are timm's transforms, applied in the DataLoader workers)")
     if args.zip_mode and args.tsv_mode:
         raise utils.UserError("--zip_mode and --tsv_mode exclude each other: say which one --data_path is")
     if args.knn_freq and args.knn_data_path is None and args.data_path is not None:
@@ -35,7 +38,8 @@ def check_args(args):
 def build_data(args, config):
     """(dataset, loader) of the multi-crop views of --data_path (default: the demo data)."""
     data_path = args.data_path or demo_data_path('train')
-    transform = build_transform(args, global_crops_size=config.TRAIN.IMAGE_SIZE[0])
+    transform = build_transform(args, global_crops_size=config.TRAIN.IMAGE_SIZE[0],
+                                colour_on_device=colour_on_device(args))
     dataset = build_dataset(data_path, transform, zip_mode=args.zip_mode, on_bad_image=args.on_bad_image,
                             tsv_mode=args.tsv_mode, labelled=False,
                             shard_options=dict(seed=args.seed, epoch_images=args.shard_epoch_images,
@@ -61,7 +65,8 @@ def run_summary(args, config, trainer, num_images, steps_per_epoch):
     return '\n'.join([
         f"Model: {model} ({config.MODEL.NAME}, {config.TRAIN.IMAGE_SIZE[0]} px), "
         f"{sum(p.numel() for p in trainer.student.parameters()) / 1e6:.3g}M parameters, {loss}, out_dim {args.out_dim}",
-        f"Data: {args.data_path or 'the embedded demo data'}, {num_images} images",
+        f"Data: {args.data_path or 'the embedded demo data'}, {num_images} images, colour steps of the views "
+        f"{'on the ' + args.device.type if trainer.view_colour else 'in the DataLoader workers'}",
         f"Steps: {args.epochs} epoch{'s' if args.epochs != 1 else ''} x {steps_per_epoch} steps of {images_per_step(args)} images, "
         f"lr {args.lr} per 256 images, {precision} on {args.device}",
         f"Output: {args.output_dir} (all arguments in args.json)"])

@@ -68,8 +68,9 @@ class Trainer:
     gradient, and every process updates it identically), the loss with its centers, the optimizer, the per-step
     schedules and, for fp16, the gradient scaler. Also what scripts/benchmark.py times."""
 
-    def __init__(self, args, student, teacher, loss_fn, optimizer, schedules, view_mixup=None):
+    def __init__(self, args, student, teacher, loss_fn, optimizer, schedules, view_mixup=None, view_colour=None):
         self.args = args
+        self.view_colour = view_colour  # --colour_augment_on device: the views' colour steps (datasets.DeviceColour)
         self.view_mixup = view_mixup  # --use_mixup: mixes the student's views (engine/mixup.py)
         self.student, self.teacher, self.loss_fn, self.optimizer = student, teacher, loss_fn, optimizer
         self.schedules = schedules
@@ -94,7 +95,10 @@ class Trainer:
     def forward_loss(self, crops, epoch, it):
         """Student on all crops, teacher on the two globals: the loss (a 0-d tensor). A loss that is not finite
         in any process raises NonFiniteLoss in every process, before anything is updated."""
-        crops = [c.to(self.args.device, non_blocking=True) for c in crops]
+        if self.view_colour:  # crops: [(uint8 pixels, colour draws)], coloured and normalised on the device
+            crops = self.view_colour(crops)
+        else:
+            crops = [c.to(self.args.device, non_blocking=True) for c in crops]
         student_crops, mix_targets = self.view_mixup(crops) if self.view_mixup else (crops, None)
         with self.autocast():
             with torch.no_grad():

@@ -4,6 +4,11 @@ the original's ``DataAugmentationDINO`` (from a checkout of microsoft/esvit), in
 
     python scripts/bench_data.py --original_repo /tmp/orig_esvit --rounds 3 --json data.json
 
+Three pipelines: ``ours`` (every step in the worker, `--colour_augment_on workers`), ``ours_device`` (the
+worker's share with `--colour_augment_on device`: decode, crop, resize, flip and the draws, uint8 out; the
+colour steps of its batches, ``datasets.DeviceColour``, are timed apart on this CPU, one thread, as
+``device_stage``: on a GPU they run on the GPU) and ``original``.
+
 The photos are the public-domain colour photographs that scikit-image ships, kept as full-size JPEG files in
 scripts/bench_photos/ (its README names their sources), so the benchmark needs no extra package.
 This project's side decodes as its datasets do (``datasets.folder.load_image`` with the transform's
@@ -23,7 +28,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTO_DIR = os.path.join(ROOT, 'scripts', 'bench_photos')
-IMPLEMENTATIONS = ('ours', 'original')
+IMPLEMENTATIONS = ('ours', 'ours_device', 'original')
 
 
 def get_args(argv=None):
@@ -42,6 +47,9 @@ def get_args(argv=None):
     p.add_argument('--passes', type=int, default=2, help='passes over the photos per round')
     p.add_argument('--rounds', type=int, default=3, help='interleaved rounds of ours and the original (medians)')
     p.add_argument('--json', default='', help='write the results here')
+    p.add_argument('--device_stage', default='',
+                   help='only time the colour steps of --colour_augment_on device (datasets.DeviceColour) on this '
+                        'device (e.g. cuda), on batches of --batch_size drawn from the photos (scripts/gpu_check.sh)')
     p.add_argument('--worker', choices=IMPLEMENTATIONS,
                    help='internal: time one implementation in this process (the rounds run each in a fresh one)')
     return p.parse_args(argv)
@@ -58,12 +66,13 @@ def photo_paths(photo_dir):
 def pipeline(args):
     """(load(path) -> PIL image, transform) of the implementation ``args.worker``."""
     from PIL import Image
-    if args.worker == 'ours':
+    if args.worker.startswith('ours'):
         sys.path.insert(0, ROOT)
         from datasets import DataAugmentationDINO
         from datasets.folder import load_image
         transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, [args.local_crops_number],
-                                         [args.local_size], args.global_size)
+                                         [args.local_size], args.global_size,
+                                         colour_on_device=args.worker == 'ours_device')
         return (lambda path: load_image(path, transform.decode_size)), transform
     sys.path.insert(0, os.path.abspath(args.original_repo))
     from datasets.build import DataAugmentationDINO  # the original's (its datasets/build.py)
@@ -75,27 +84,69 @@ def pipeline(args):
 
 
 def run_worker(args):
-    """One round in this process: decode + transform + collate of every photo ``args.passes`` times."""
+    """One round in this process: decode + transform + collate of every photo ``args.passes`` times (and, for
+    ours_device, the device stage of each batch on this CPU, timed apart)."""
     import torch
     torch.set_num_threads(1)
     load, transform = pipeline(args)
     paths = photo_paths(args.photo_dir)
     torch.manual_seed(0)
-    torch.utils.data.default_collate([(transform(load(path)), 0) for path in paths[:2]])  # warm-up
+    batches = [torch.utils.data.default_collate([(transform(load(path)), 0) for path in paths[:2]])]  # warm-up
     queue = paths * args.passes
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for start in range(0, len(queue), args.batch_size):
-        torch.utils.data.default_collate([(transform(load(path)), 0) for path in queue[start:start + args.batch_size]])
+        batches.append(torch.utils.data.default_collate(
+            [(transform(load(path)), 0) for path in queue[start:start + args.batch_size]]))
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    print(json.dumps({'images': len(queue), 'cpu_s': cpu, 'wall_s': wall}))
+    result = {'images': len(queue), 'cpu_s': cpu, 'wall_s': wall}
+    if args.worker == 'ours_device':
+        from datasets import DeviceColour
+        colour = DeviceColour('cpu')
+        colour(batches[0][0])  # warm-up
+        cpu0 = time.process_time()
+        for crops, _ in batches[1:]:
+            colour(crops)
+        result['device_stage_cpu_s'] = time.process_time() - cpu0
+    print(json.dumps(result))
+
+
+def time_device_stage(args):
+    """Images per second of DeviceColour on ``args.device_stage``, batches of ``args.batch_size`` images."""
+    import torch
+    args.worker = 'ours_device'
+    load, transform = pipeline(args)
+    paths = photo_paths(args.photo_dir)
+    torch.manual_seed(0)
+    images = [load(paths[i % len(paths)]) for i in range(args.batch_size)]
+    batch, _ = torch.utils.data.default_collate([(transform(image), 0) for image in images])
+    from datasets import DeviceColour
+    colour, device = DeviceColour(args.device_stage), torch.device(args.device_stage)
+    batch = [(pixels.to(device), draws) for pixels, draws in batch]  # timed from device memory, as after the copy
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    colour(batch)  # warm-up
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.passes):
+        colour(batch)
+    sync()
+    seconds = (time.perf_counter() - start) / args.passes
+    result = {'device': str(device), 'batch_size': args.batch_size,
+              'crops': f"2x{args.global_size}+{args.local_crops_number}x{args.local_size}",
+              'seconds_per_batch': seconds, 'images_per_s': args.batch_size / seconds}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, 'w') as f:
+            f.write(json.dumps(result, indent=1) + '\n')
 
 
 def main():
     args = get_args()
     if args.worker:
         return run_worker(args)
+    if args.device_stage:
+        return time_device_stage(args)
     photos = photo_paths(args.photo_dir)
-    implementations = IMPLEMENTATIONS if args.original_repo else IMPLEMENTATIONS[:1]
+    implementations = IMPLEMENTATIONS if args.original_repo else IMPLEMENTATIONS[:2]
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
     runs = {name: [] for name in implementations}
     load_before = os.getloadavg()
@@ -114,9 +165,13 @@ def main():
             'images_per_cpu_s': statistics.median(r['images'] / r['cpu_s'] for r in rounds),
             'images_per_wall_s': statistics.median(r['images'] / r['wall_s'] for r in rounds),
             'rounds': rounds}
+    if 'ours_device' in result:
+        result['device_stage'] = {'images_per_cpu_s_on_this_cpu': statistics.median(
+            r['images'] / r['device_stage_cpu_s'] for r in runs['ours_device'])}
     if 'original' in result:
-        for measure in ('images_per_cpu_s', 'images_per_wall_s'):
-            result[f'speedup_{measure}'] = result['ours'][measure] / result['original'][measure]
+        for name in ('ours', 'ours_device'):
+            for measure in ('images_per_cpu_s', 'images_per_wall_s'):
+                result[f'speedup_{name}_{measure}'] = result[name][measure] / result['original'][measure]
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, 'w') as f:

@@ -4,6 +4,7 @@
 #      bf16, fp32, each with torch.compile off and on: images/s, MFU against the GPU's dense bf16 peak, peak memory
 #   2. a 1-GPU NCCL run of the demo (torchrun, 1 epoch of the embedded Fashion-MNIST subset)
 #   3. eval_knn.py of that checkpoint on the GPU
+#   4. the colour steps of --colour_augment_on device (the default on CUDA) on the GPU: images/s at batch 32
 # One line per figure on stdout and everything in $OUT_PATH/gpu_check.json:
 #
 #   OUT_PATH=output/gpu_check bash scripts/gpu_check.sh
@@ -43,6 +44,7 @@ EOF
           --head_hidden_dim 64 --head_bottleneck_dim 32 --local_crops_number 2 --local_crops_size 32
           --batch_size_per_gpu 4 --num_workers 0 --epochs 1 --warmup_epochs 0 --saveckp_freq 0)
     KNN=(--data_path "$DATA_PATH" --image_size 64 --nb_knn 5 --batch_size_per_gpu 8 --num_workers 0)
+    COLOUR=(--device_stage cpu --batch_size 2 --global_size 32 --local_size 16 --local_crops_number 2 --passes 1)
 else
     BENCH=(--arch swin_tiny --cfg experiments/imagenet/swin/swin_tiny_patch4_window7_224.yaml --batch_size 32
            --global_size 224 --local_size 96 --local_crops_number 8 --out_dim 65536 --steps 10 --warmup 5)
@@ -50,6 +52,7 @@ else
     COMPILES=(False True)
     DEMO=(--epochs 1 --num_workers 8)
     KNN=(--num_workers 8)
+    COLOUR=(--device_stage cuda --batch_size 32 --passes 20)
 fi
 
 # 1. the benchmark sweep (compile off first: those rows are the cheap ones)
@@ -75,6 +78,10 @@ torchrun --standalone --nproc_per_node=1 main_esvit.py "${DEMO[@]}" --output_dir
 # 3. k-NN of the demo's teacher
 python eval_knn.py --pretrained_weights "$OUT_PATH/demo/checkpoint.pth" "${KNN[@]}" \
     --output_dir "$OUT_PATH/knn" > "$OUT_PATH/knn.log" 2>&1 || echo "knn: failed (see $OUT_PATH/knn.log)"
+
+# 4. the views' colour steps on the device
+python scripts/bench_data.py "${COLOUR[@]}" --json "$OUT_PATH/device_colour.json" > "$OUT_PATH/device_colour.log" 2>&1 \
+    || echo "device colour: failed (see $OUT_PATH/device_colour.log)"
 
 # the figures, one per line, and gpu_check.json
 python - "$OUT_PATH" <<'EOF'
@@ -109,6 +116,11 @@ if os.path.isfile(knn):
     summary['knn'] = json.load(open(knn))
     for k, acc in summary['knn']['knn'].items():
         print(f"knn k={k}: top-1 {acc['top1']:.2f} %")
+colour = os.path.join(out, 'device_colour.json')
+if os.path.isfile(colour):
+    summary['device_colour'] = json.load(open(colour))
+    print(f"colour steps on the device ({summary['device_colour']['crops']}, batch "
+          f"{summary['device_colour']['batch_size']}): {summary['device_colour']['images_per_s']:.0f} images/s")
 with open(os.path.join(out, 'gpu_check.json'), 'w') as f:
     json.dump(summary, f, indent=1)
 print(f"gpu_check.json: {os.path.join(out, 'gpu_check.json')}")

@@ -57,7 +57,7 @@ class Recorder:
     def __init__(self, monkeypatch):
         self.counts, self.boxes = dict.fromkeys(['flip', 'jitter', 'blur', 'solarize'], 0), []
         resize, transpose, blur = Image.Image.resize, Image.Image.transpose, Image.Image.filter
-        jitter, solarize = augmentation.ColourJitter.__call__, ImageOps.solarize
+        jitter, solarize = augmentation.ColourJitter.apply, ImageOps.solarize
 
         def counted(name, function):
             def run(*args, **kwargs):
@@ -71,7 +71,7 @@ class Recorder:
         monkeypatch.setattr(Image.Image, 'resize', recording_resize)
         monkeypatch.setattr(Image.Image, 'transpose', counted('flip', transpose))
         monkeypatch.setattr(Image.Image, 'filter', counted('blur', blur))
-        monkeypatch.setattr(augmentation.ColourJitter, '__call__', counted('jitter', jitter))
+        monkeypatch.setattr(augmentation.ColourJitter, 'apply', counted('jitter', jitter))
         monkeypatch.setattr(ImageOps, 'solarize', counted('solarize', solarize))
 
 

@@ -111,3 +111,6 @@ def test_gpu_check_dry_run_runs_every_step_on_the_cpu(tmp_path):
     assert summary['demo']['epoch'] == 0 and summary['knn']['num_train'] == 30
     lines = done.stdout.splitlines()
     assert sum(line.startswith('bench ') for line in lines) == 2 and any(line.startswith('knn k=5') for line in lines)
+    colour = summary['device_colour']  # the views' colour steps, timed on the device (the CPU here)
+    assert colour['device'] == 'cpu' and colour['images_per_s'] == pytest.approx(2 / colour['seconds_per_batch'])
+    assert any(line.startswith('colour steps on the device') for line in lines)
