@@ -14,6 +14,7 @@ standard deviation (tests/test_device_colour.py bounds the difference; the rando
     colour = DeviceColour(device)
     views = colour(crops)   # crops as collated: [(B x 3 x S x S uint8, B x 12 draws)] -> [B x 3 x S x S float]
 """
+import functools
 import math
 
 import torch
@@ -68,11 +69,12 @@ def adjust_hue(images, factors):
 JITTER_STEPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # ColourJitter.steps' order
 
 
-def gaussian_blur(images, sigmas):
+def gaussian_blur(images, sigmas, radius=None):
     """Separable Gaussian of standard deviation ``sigmas`` (B, one per image; PIL's ``GaussianBlur(radius)``
-    takes the same) with the edge pixels repeated, as PIL's box blurs repeat them."""
+    takes the same) with the edge pixels repeated, as PIL's box blurs repeat them. ``radius``: the taps on
+    each side, at least 3 x the largest sigma (default: that, read from ``sigmas``)."""
     n, c, h, w = images.shape
-    radius = math.ceil(3 * float(sigmas.max()))
+    radius = radius or math.ceil(3 * float(sigmas.max()))
     taps = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
     # each kernel cut at its own 3 sigma, whatever the batch's widest
     kernels = torch.exp(-0.5 * (taps / sigmas.view(-1, 1)) ** 2) * (taps.abs() <= torch.ceil(3 * sigmas.view(-1, 1)))
@@ -118,7 +120,10 @@ class DeviceColour:
             for step, adjust in enumerate(JITTER_STEPS):
                 images = self._on(images, jittered & (order[:, position] == step), adjust, factors[:, step])
         images = self._on(images, draws[:, GREY] > 0, lambda x: grey(x).expand(-1, 3, -1, -1))
-        images = self._on(images, draws[:, BLUR_RADIUS] > 0, gaussian_blur, draws[:, BLUR_RADIUS])
+        blurred = draws[:, BLUR_RADIUS] > 0
+        if blurred.any():  # the kernel width from the host's radii: no wait for the device
+            radius = math.ceil(3 * float(draws[blurred, BLUR_RADIUS].max()))
+            images = self._on(images, blurred, functools.partial(gaussian_blur, radius=radius), draws[:, BLUR_RADIUS])
         return self._on(images, draws[:, SOLARIZE] > 0, solarize)
 
     def _on(self, images, selected, step, *per_image):
@@ -127,6 +132,13 @@ class DeviceColour:
         if len(index) == 0:
             return images
         if len(index) < len(images):
-            part = step(images[index.to(self.device)], *(v[index].to(self.device) for v in per_image))
-            return images.index_copy(0, index.to(self.device), part)
-        return step(images, *(v.to(self.device) for v in per_image))
+            index_on_device = self._copy(index)
+            part = step(images[index_on_device], *(self._copy(v[index]) for v in per_image))
+            return images.index_copy(0, index_on_device, part)
+        return step(images, *(self._copy(v) for v in per_image))
+
+    def _copy(self, host_tensor):
+        """To the device without waiting for it: a copy from pageable memory would wait for the stream."""
+        if self.device.type == 'cuda':
+            return host_tensor.pin_memory().to(self.device, non_blocking=True)
+        return host_tensor.to(self.device)
