@@ -9,7 +9,8 @@
 #   bash scripts/scene_study.sh [OUT]        # EPOCHS=3 (250 steps of 16 each), V_THEN_VR_SPLIT=2 (V epochs)
 #
 # Pretraining takes the demo's settings (engine.args.DEMO_DEFAULTS) but for the loss and the epochs; a variant
-# whose OUT/<variant>/checkpoint.pth exists is not pretrained again. EXTRA: more main_esvit.py flags.
+# whose OUT/<variant>/checkpoint.pth exists is not pretrained again. EXTRA: more main_esvit.py flags; SCENES:
+# more make_scenes.py flags (--garment_sizes, --garments_per_canvas).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-output/scenes}
@@ -21,9 +22,10 @@ SEG_EPOCHS=${SEG_EPOCHS:-50}
 SEG_LR=${SEG_LR:-1.0}
 VARIANTS=${VARIANTS:-"V VR VthenVR"}
 read -r -a EXTRA <<< "${EXTRA:-}"
+read -r -a SCENES <<< "${SCENES:-}"      # more make_scenes.py flags, e.g. "--garment_sizes 32 56"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
-python scripts/make_scenes.py --output_dir "$OUT/data" --source full --num_train "$NUM_TRAIN" --num_val "$NUM_VAL"
+python scripts/make_scenes.py --output_dir "$OUT/data" --source full --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" "${SCENES[@]}"
 MODEL=(--cfg experiments/cpu/swin_scenes.yaml --arch swin)
 read -r -a DEMO <<< "$(python -c "
 from engine import DEMO_DEFAULTS
