@@ -65,13 +65,14 @@ def smooth_background(rng, size):
     return np.asarray(coarse.resize((size, size), Image.BILINEAR))
 
 
-def compose_scene(rng, garments, labels, canvas_size=64, garment_sizes=(20, 40)):
+def compose_scene(rng, garments, labels, canvas_size=64, garment_sizes=(20, 40), per_canvas=GARMENTS_PER_CANVAS):
     """One canvas: (image S x S uint8, mask S x S uint8 with 0 = background and label + 1 on each garment's
-    pixels, [(index into garments, side, top, left)] of the garments in painting order)."""
+    pixels, [(index into garments, side, top, left)] of the garments in painting order); ``per_canvas``: the
+    least and most garments on it."""
     image = smooth_background(rng, canvas_size).copy()
     mask = np.zeros((canvas_size, canvas_size), np.uint8)
     placed = []
-    for _ in range(rng.integers(GARMENTS_PER_CANVAS[0], GARMENTS_PER_CANVAS[1] + 1)):
+    for _ in range(rng.integers(per_canvas[0], per_canvas[1] + 1)):
         index = rng.integers(len(garments))
         side = int(rng.integers(garment_sizes[0], garment_sizes[1] + 1))
         top, left = (int(v) for v in rng.integers(0, canvas_size - side + 1, size=2))
@@ -98,7 +99,7 @@ def _link(source, target):
 
 
 def build_scenes(out_dir, num_train=2000, num_val=500, seed=0, source=None, classes=None, canvas_size=64,
-                 garment_sizes=(20, 40)):
+                 garment_sizes=(20, 40), per_canvas=GARMENTS_PER_CANVAS):
     """Write the scene benchmark to ``out_dir`` (see the module docstring) and return it; a complete build
     with the same settings is kept as it is."""
     out_dir = Path(out_dir)
@@ -107,8 +108,10 @@ def build_scenes(out_dir, num_train=2000, num_val=500, seed=0, source=None, clas
         raise DataError(f"scene classes {classes} must be Fashion-MNIST label indices 0..9")
     if not garment_sizes[0] <= garment_sizes[1] <= canvas_size:
         raise DataError(f"garment sizes {garment_sizes} must be ordered and fit the {canvas_size} px canvas")
+    if not 1 <= per_canvas[0] <= per_canvas[1]:
+        raise DataError(f"garments per canvas {per_canvas} must be ordered and at least 1")
     signature = (f"scenes num_train={num_train} num_val={num_val} seed={seed} source={source} classes={classes} "
-                 f"canvas={canvas_size} sizes={tuple(garment_sizes)} demo={DEMO_ZIP.stat().st_size} v2\n")
+                 f"canvas={canvas_size} sizes={tuple(garment_sizes)} per_canvas={tuple(per_canvas)} demo={DEMO_ZIP.stat().st_size} v2\n")
     marker = out_dir / '.complete'
     if marker.is_file() and marker.read_text() == signature:
         return out_dir
@@ -116,7 +119,7 @@ def build_scenes(out_dir, num_train=2000, num_val=500, seed=0, source=None, clas
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f'.{out_dir.name}.building-{os.getpid()}')
     shutil.rmtree(staging, ignore_errors=True)
-    _write_scenes(staging, num_train, num_val, seed, source, classes, canvas_size, garment_sizes)
+    _write_scenes(staging, num_train, num_val, seed, source, classes, canvas_size, garment_sizes, per_canvas)
     (staging / '.complete').write_text(signature)
     if marker.is_file() and marker.read_text() == signature:  # another process finished first
         shutil.rmtree(staging)
@@ -129,7 +132,7 @@ def build_scenes(out_dir, num_train=2000, num_val=500, seed=0, source=None, clas
     return out_dir
 
 
-def _write_scenes(out_dir, num_train, num_val, seed, source, classes, canvas_size, garment_sizes):
+def _write_scenes(out_dir, num_train, num_val, seed, source, classes, canvas_size, garment_sizes, per_canvas):
     for folder in ('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation', 'pretrain/scenes'):
         (out_dir / folder).mkdir(parents=True)
     (out_dir / 'classes.txt').write_text(''.join(name + '\n' for name in SCENE_CLASSES))
@@ -140,7 +143,7 @@ def _write_scenes(out_dir, num_train, num_val, seed, source, classes, canvas_siz
         garments, labels = garments[keep], labels[keep]
         ids = [f'{split}_{i:05d}' for i in range(count)]
         for scene_id in ids:
-            image, mask, _ = compose_scene(rng, garments, labels, canvas_size, garment_sizes)
+            image, mask, _ = compose_scene(rng, garments, labels, canvas_size, garment_sizes, per_canvas)
             image_path = out_dir / 'JPEGImages' / f'{scene_id}.png'
             Image.fromarray(image).save(image_path)
             Image.fromarray(mask).save(out_dir / 'SegmentationClass' / f'{scene_id}.png')

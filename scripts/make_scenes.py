@@ -23,12 +23,18 @@ def get_args_parser():
     p.add_argument('--classes', default=None, type=int, nargs='+', help='Fashion-MNIST labels used (default: all)')
     p.add_argument('--canvas_size', default=64, type=int,
                    help='side of each scene; 64 px gives the scene Swin 4x4 last-stage tokens')
+    p.add_argument('--garment_sizes', default=[20, 40], type=int, nargs=2, metavar=('MIN', 'MAX'),
+                   help="""range of a garment's side in px (28 x 28 photos rescaled); larger garments cover more
+        last-stage tokens each (a 16 px token of the scene Swin then lies on one garment more often)""")
+    p.add_argument('--garments_per_canvas', default=[2, 4], type=int, nargs=2, metavar=('MIN', 'MAX'),
+                   help='least and most garments on a canvas (fewer: less overlap, more of each garment visible)')
     return p
 
 
 def main(args):
     root = build_scenes(args.output_dir, args.num_train, args.num_val, args.seed,
-                        None if args.source == 'demo' else args.source, args.classes, args.canvas_size)
+                        None if args.source == 'demo' else args.source, args.classes, args.canvas_size,
+                        tuple(args.garment_sizes), tuple(args.garments_per_canvas))
     print(f"Scenes written to {root}")
 
 

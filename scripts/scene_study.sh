@@ -9,7 +9,8 @@
 #   bash scripts/scene_study.sh [OUT]        # EPOCHS=3 (250 steps of 16 each), V_THEN_VR_SPLIT=2 (V epochs)
 #
 # Pretraining takes the demo's settings (engine.args.DEMO_DEFAULTS) but for the loss and the epochs; a variant
-# whose OUT/<variant>/checkpoint.pth exists is not pretrained again. EXTRA: more main_esvit.py flags.
+# whose OUT/<variant>/checkpoint.pth exists is not pretrained again. EXTRA: more main_esvit.py flags; SCENES:
+# more make_scenes.py flags (--garment_sizes, --garments_per_canvas, --seed); SEG: more eval_segmentation.py flags.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-output/scenes}
@@ -21,9 +22,11 @@ SEG_EPOCHS=${SEG_EPOCHS:-50}
 SEG_LR=${SEG_LR:-1.0}
 VARIANTS=${VARIANTS:-"V VR VthenVR"}
 read -r -a EXTRA <<< "${EXTRA:-}"
+read -r -a SCENES <<< "${SCENES:-}"      # more make_scenes.py flags, e.g. "--garment_sizes 32 56"
+read -r -a SEG <<< "${SEG:-}"            # more eval_segmentation.py flags, e.g. "--n_last_blocks 6"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
-python scripts/make_scenes.py --output_dir "$OUT/data" --source full --num_train "$NUM_TRAIN" --num_val "$NUM_VAL"
+python scripts/make_scenes.py --output_dir "$OUT/data" --source full --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" "${SCENES[@]}"
 MODEL=(--cfg experiments/cpu/swin_scenes.yaml --arch swin)
 read -r -a DEMO <<< "$(python -c "
 from engine import DEMO_DEFAULTS
@@ -53,7 +56,8 @@ for variant in random $VARIANTS; do
     dir=$OUT/eval_$variant
     [ -f "$dir/segmentation/segmentation.json" ] || python eval_segmentation.py "${MODEL[@]}" "${EVAL[@]}" \
         "${weights[@]}" --data_path "$OUT/data" --cache_features True --batch_size_per_gpu 64 \
-        --epochs "$SEG_EPOCHS" --lr "$SEG_LR" --val_freq 100 --output_dir "$dir/segmentation" > "$dir.seg.log" 2>&1
+        --epochs "$SEG_EPOCHS" --lr "$SEG_LR" --val_freq 100 --output_dir "$dir/segmentation" "${SEG[@]}" \
+        > "$dir.seg.log" 2>&1
     [ -f "$dir/largest/measure_correspondence.json" ] || python run_analysis.py "${MODEL[@]}" "${weights[@]}" \
         --image_size 64 --data_path "$OUT/data/largest" --measure_correspondence True --num_workers 2 \
         --output_dir "$dir" > "$dir.corr.log" 2>&1

@@ -15,6 +15,7 @@ from PIL import Image
 import eval_segmentation
 import utils
 from datasets import denormalize
+from datasets.folder import DataError
 from datasets.scenes import (BACKGROUND_MAX, GARMENT_THRESHOLD, SCENE_CLASSES, build_scenes, compose_scene,
                              load_garments)
 from datasets.voc import IGNORE_INDEX, VOCSegmentation, segmentation_train_transform, segmentation_val_transform
@@ -138,6 +139,18 @@ def test_scenes_are_deterministic_and_masks_are_the_garments_pixels(tmp_path):
         scene_mask = np.asarray(Image.open(first / 'SegmentationClass' / f'{scene_id}.png'))
         assert scene_mask.max() <= 10 and (scene[scene_mask > 0] >= GARMENT_THRESHOLD).all()
         assert (scene[scene_mask == 0] <= BACKGROUND_MAX).all()
+
+
+def test_scenes_take_the_number_and_sizes_of_garments_asked_for(tmp_path):
+    garments, labels = load_garments(None, 'test')
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        _, mask, placed = compose_scene(rng, garments, labels, 64, (32, 56), per_canvas=(2, 3))
+        assert 2 <= len(placed) <= 3 and all(32 <= side <= 56 for _, side, _, _ in placed)
+    _, _, placed = compose_scene(rng, garments, labels, 64, (20, 40), per_canvas=(1, 1))
+    assert len(placed) == 1
+    with pytest.raises(DataError, match='garments per canvas'):
+        build_scenes(tmp_path / 'bad', num_train=2, num_val=1, per_canvas=(3, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------

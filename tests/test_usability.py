@@ -218,7 +218,7 @@ def test_no_arch_and_no_cfg_trains_the_demo_model_on_the_given_folder(tiny_data,
     from config import DEMO_CFG
     from engine.args import DEMO_DEFAULTS
     out = tmp_path / 'mine'
-    args = run_training(['--data_path', tiny_data, '--output_dir', str(out), '--epochs', '1', '--num_workers', '0',
+    args = run_training(['--data_path', tiny_data, '--output_dir', str(out), '--epochs', '2', '--num_workers', '0',
                          '--precision', 'fp32', '--out_dim', '256'])
     printed = capsys.readouterr().out
     assert args.cfg == DEMO_CFG and args.arch == DEMO_DEFAULTS['arch'] and args.knn_freq == 0
@@ -228,6 +228,15 @@ def test_no_arch_and_no_cfg_trains_the_demo_model_on_the_given_folder(tiny_data,
     assert f"Data: {tiny_data}, 32 images" in printed and 'None' not in printed.split('Starting')[0]
     assert json.loads((out / 'args.json').read_text())['data_path'] == tiny_data  # the full dump, not printed
     assert 'local_crops_scale' not in printed
+    # the demo keeps the heads' last layer (the prototypes) at its init for the whole run, past the first epoch:
+    # the teacher's, an average of the student's, is still the student's; the rest of the heads moved
+    import torch
+    checkpoint = torch.load(out / 'checkpoint.pth', map_location='cpu', weights_only=False)
+    student, teacher = checkpoint['student'], checkpoint['teacher']
+    pairs = {k: (v, teacher[k.removeprefix('module.')]) for k, v in student.items() if '.head' in k}
+    assert all(torch.allclose(s, t, atol=1e-6) for k, (s, t) in pairs.items() if 'last_layer' in k)
+    assert args.freeze_last_layer > args.epochs
+    assert not all(torch.equal(s, t) for k, (s, t) in pairs.items() if 'mlp' in k)
 
 
 def test_knn_k_is_clamped_to_the_bank_before_the_features(tiny_data, tmp_path, capsys, monkeypatch):
