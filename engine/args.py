@@ -101,8 +101,8 @@ def get_args_parser():
     p.add_argument('--colour_augment_on', default='auto', choices=['auto', 'workers', 'device'],
                    help='''where the colour steps of the dino_aug views run (jitter, grayscale, blur, solarisation):
                    workers (PIL in the DataLoader workers, as the original) or device (batched on the training
-                   device; the workers then only decode, crop, resize and flip, and send uint8: 3.5x the images
-                   per worker core, so fewer cores keep a GPU fed). The random draws are the same either way, the
+                   device; the workers then only decode, crop, resize and flip, and send uint8: 2.5x the images
+                   per worker core of workers, 4x the original's, so fewer cores keep a GPU fed). The random draws are the same either way, the
                    pixels equal up to rounding. auto: device on CUDA, workers elsewhere (on a CPU the work would
                    only move from the workers to the training process)''')
 
