@@ -43,6 +43,10 @@ def get_args_parser():
                    help='width of the heads\' last hidden layer, before the out_dim prototypes')
     p.add_argument('--use_dense_prediction', default=False, type=utils.bool_flag,
                    help='add the region-level matching loss (EsViT V+R)')
+    p.add_argument('--region_loss_weight', default=0.5, type=float,
+                   help="""with --use_dense_prediction: the loss is (1 - w) x view loss + w x region loss; 0.5 (the
+        original's) weighs them equally. Larger w puts more of the gradient on the region tokens (what a dense
+        probe reads), smaller on the pooled view (what k-NN and linear probes read).""")
 
     # teacher temperature
     p.add_argument('--warmup_teacher_temp', default=0.04, type=float,
@@ -101,9 +105,9 @@ def get_args_parser():
     p.add_argument('--colour_augment_on', default='auto', choices=['auto', 'workers', 'device'],
                    help='''where the colour steps of the dino_aug views run (jitter, grayscale, blur, solarisation):
                    workers (PIL in the DataLoader workers, as the original) or device (batched on the training
-                   device; the workers then only decode, crop, resize and flip, and send uint8: 2.5x the images
-                   per worker core of workers, 4x the original's, so fewer cores keep a GPU fed). The random draws are the same either way, the
-                   pixels equal up to rounding. auto: device on CUDA, workers elsewhere (on a CPU the work would
+                   device; the workers then only decode, crop, resize and flip, and send uint8: 2.2-2.4x the
+                   images per worker core of workers, 3.8-4.2x the original's, so fewer cores keep a GPU fed). The
+                   random draws are the same either way, the pixels equal up to rounding. auto: device on CUDA, workers elsewhere (on a CPU the work would
                    only move from the workers to the training process)''')
 
     # data

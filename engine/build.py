@@ -46,7 +46,8 @@ def build_loss(args):
     common = (args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
               args.warmup_teacher_temp_epochs, args.epochs)
     if args.use_dense_prediction:
-        loss = DDINOLoss(*common, local_crops_number=args.local_crops_number).to(args.device)
+        loss = DDINOLoss(*common, local_crops_number=args.local_crops_number,
+                         region_weight=args.region_loss_weight).to(args.device)
     else:
         loss = DINOLoss(*common).to(args.device)
     if args.health_signals:

@@ -187,11 +187,11 @@ class MatchedCrossEntropy(torch.autograd.Function):
 class DDINOLoss(_CenteredDistillationLoss):
     """View-level + region-level loss (EsViT).
 
-    For each pair (teacher global view i, student view v != i): 0.5 x the view-level cross-entropy plus
-    0.5 x the mean over the student's region tokens of the cross-entropy between the student token and
+    For each pair (teacher global view i, student view v != i): (1 - w) x the view-level cross-entropy plus
+    w x the mean over the student's region tokens of the cross-entropy between the student token and
     the teacher token of view i whose *backbone feature* is most cosine-similar to the student token's;
     teacher region probabilities are centred by ``center_grid``. The loss is the mean over pairs of the
-    batch mean.
+    batch mean. ``region_weight`` w is 0.5 in the original.
 
     ``local_crops_number`` lists the number of local crops of each local size, in crop order (default:
     one size, ``ncrops - 2`` crops, as the original).
@@ -203,9 +203,12 @@ class DDINOLoss(_CenteredDistillationLoss):
     """
 
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
-                 nepochs, student_temp=0.1, center_momentum=0.9, local_crops_number=None):
+                 nepochs, student_temp=0.1, center_momentum=0.9, local_crops_number=None, region_weight=0.5):
         super().__init__(out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
                          nepochs, student_temp, center_momentum)
+        if not 0 <= region_weight <= 1:
+            raise ValueError(f"region_weight {region_weight} is not in [0, 1]")
+        self.region_weight = region_weight
         self.register_buffer('center_grid', torch.zeros(1, out_dim))
         local_crops_number = [ncrops - 2] if local_crops_number is None else [int(n) for n in local_crops_number]
         if sum(local_crops_number) != ncrops - 2:
@@ -261,7 +264,8 @@ class DDINOLoss(_CenteredDistillationLoss):
             first_crop += c
         region_ce = torch.cat(region_ce, dim=1)                                         # 2 x V
 
-        loss = (0.5 * view_ce + 0.5 * region_ce)[self.pair_mask(view_ce.device)].mean()
+        w = self.region_weight
+        loss = ((1 - w) * view_ce + w * region_ce)[self.pair_mask(view_ce.device)].mean()
         self.accumulate_center_stats(center=t_cls_out, center_grid=t_region_out)
         if self.monitor is not None:
             self.monitor.observe(view_ce, self.pair_mask(view_ce.device), t_cls_probs, region_ce, t_region_probs)

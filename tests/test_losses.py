@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from engine.losses import DDINOLoss, DINOLoss
+from helpers import command, run_training
 
 STUDENT_TEMP = 0.1
 
@@ -31,7 +32,7 @@ def cosine(a, b):
 
 
 def naive_ddino(s_cls, s_region, s_fea, crop_tokens, t_cls, t_region, t_fea, n_t, batch, temp, center, center_grid,
-                dense=True):
+                dense=True, region_weight=0.5):
     """Python lists; crop_tokens = token count of each student crop in crop order."""
     ncrops = len(crop_tokens)
     # row offset of each student crop in the region tensors (crop-major, then batch, then token)
@@ -59,7 +60,7 @@ def naive_ddino(s_cls, s_region, s_fea, crop_tokens, t_cls, t_region, t_fea, n_t
                     t_rows = [(i * batch + b) * n_t + m for m in range(n_t)]
                     best = max(t_rows, key=lambda r: cosine(s_fea[row], t_fea[r]))
                     region += cross_entropy(teacher_region[best], naive_log_softmax([x / STUDENT_TEMP for x in s_region[row]]))
-                pair += 0.5 * view + 0.5 * region / n_s
+                pair += (1 - region_weight) * view + region_weight * region / n_s
             total += pair / batch
             pairs += 1
     return total / pairs
@@ -99,6 +100,24 @@ def test_ddino_loss_matches_naive(batch, local_numbers, tokens):
                            loss_fn.center[0].tolist(), loss_fn.center_grid[0].tolist())
     loss = loss_fn(student, teacher, epoch)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize('region_weight', [0.0, 0.8, 1.0])
+def test_ddino_region_weight_matches_naive(region_weight):
+    student, teacher = random_outputs(2, [2, 3], [4, 1], seed=3)
+    loss_fn = DDINOLoss(7, 5, 0.04, 0.04, 0, 10, region_weight=region_weight)
+    expected = naive_ddino(student[0].tolist(), student[1].tolist(), student[2].tolist(), [4, 4, 1, 1, 1],
+                           teacher[0].tolist(), teacher[1].tolist(), teacher[2].tolist(), 4, 2, 0.04,
+                           [0.0] * 7, [0.0] * 7, region_weight=region_weight)
+    assert loss_fn(student, teacher, 0).item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match='region_weight 1.5'):
+        DDINOLoss(7, 5, 0.04, 0.04, 0, 10, region_weight=1.5)
+
+
+def test_region_loss_weight_out_of_range_is_a_one_line_error(tmp_path):
+    import utils
+    with pytest.raises(utils.UserError, match=r'--region_loss_weight -0.1 must be in \[0, 1\]'):
+        run_training(command('--region_loss_weight', '-0.1', '--output_dir', str(tmp_path)))
 
 
 def test_dino_loss_matches_naive():
