@@ -217,7 +217,8 @@ class ViewColour(NamedTuple):
 class DINOView:
     """One view of DINO's augmentation, PIL image -> normalised 3 x size x size tensor: a bicubic random resized
     crop (scale ``scale``, ratio 3/4..4/3), horizontal flip (p 0.5), colour jitter (p 0.8), grayscale (p 0.2),
-    Gaussian blur of radius uniform in [0.1, 2] (p ``blur_p``), solarisation at 128 (p ``solarize_p``).
+    Gaussian blur of radius uniform in ``blur_radius`` (p ``blur_p``; the original's (0.1, 2) px), solarisation at
+    128 (p ``solarize_p``).
 
     The original's steps, probabilities and PIL operations, with fewer copies: the crop box is drawn on the image
     as the original draws it, then resized straight from the image (``resize(box=...)``) or from the image's
@@ -230,8 +231,9 @@ class DINOView:
     :class:`ViewColour` as a tensor), the same random draws, for datasets/device_colour.py to apply batched on
     the training device."""
 
-    def __init__(self, size, scale, blur_p, solarize_p=0.0, colour_on_device=False):
+    def __init__(self, size, scale, blur_p, solarize_p=0.0, colour_on_device=False, blur_radius=(0.1, 2.0)):
         self.size, self.scale, self.blur_p, self.solarize_p = int(size), tuple(scale), blur_p, solarize_p
+        self.blur_radius = tuple(blur_radius)
         self.colour_on_device = colour_on_device
         self.jitter = ColourJitter()
 
@@ -243,11 +245,15 @@ class DINOView:
         if flip < 0.5:
             view = view.transpose(Image.FLIP_LEFT_RIGHT)
         colour = ViewColour(jitter=self.jitter.draw() if jitter < 0.8 else None, grey=grey < 0.2,
-                            blur_radius=0.1 + 1.9 * radius if blur < self.blur_p else 0.0,
+                            blur_radius=self._radius(radius) if blur < self.blur_p else 0.0,
                             solarize=solarize < self.solarize_p)
         if self.colour_on_device:
             return to_uint8_tensor(view), colour.as_tensor()
         return to_normalized_tensor(self.apply_colour(view, colour))
+
+    def _radius(self, uniform):
+        low, high = self.blur_radius
+        return low + (high - low) * uniform
 
     def resized_crop(self, pyramid):
         """The random resized crop, from the level of ``pyramid`` that still has the view's size in the box."""
@@ -279,14 +285,16 @@ class DINOView:
 
     def __repr__(self):
         return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, blur_p={self.blur_p}, "
-                f"solarize_p={self.solarize_p}, colour_on_device={self.colour_on_device})")
+                f"solarize_p={self.solarize_p}, blur_radius={self.blur_radius}, "
+                f"colour_on_device={self.colour_on_device})")
 
 
 class DataAugmentationDINO(MultiCropTransform):
     """DINO multi-crop: bicubic random resized crops, flip, colour jitter, grayscale, blur, solarisation.
 
     Blur is applied with probability 1.0 to the first global view, 0.1 to the second (which is also
-    solarised with probability 0.2) and 0.5 to the local views (:class:`DINOView`). All steps but the last act
+    solarised with probability 0.2) and 0.5 to the local views (:class:`DINOView`), its radius uniform in
+    ``blur_radius`` pixels of the view. All steps but the last act
     on the PIL image (one band for a grey image: hue, saturation and grayscale are then identities).
 
     ``decode_size(width, height)`` tells an image loader how far a JPEG may be decoded at reduced size
@@ -298,9 +306,9 @@ class DataAugmentationDINO(MultiCropTransform):
     """
 
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number, local_crops_size=96,
-                 global_crops_size=224, colour_on_device=False):
+                 global_crops_size=224, colour_on_device=False, blur_radius=(0.1, 2.0)):
         local_groups = local_crop_groups(local_crops_number, local_crops_size)
-        on_device = dict(colour_on_device=colour_on_device)
+        on_device = dict(colour_on_device=colour_on_device, blur_radius=blur_radius)
         global_views = [DINOView(global_crops_size, global_crops_scale, blur_p=1.0, **on_device),
                         DINOView(global_crops_size, global_crops_scale, blur_p=0.1, solarize_p=0.2, **on_device)]
         local_views = [DINOView(size, local_crops_scale, blur_p=0.5, **on_device) for _, size in local_groups]
@@ -319,7 +327,8 @@ class DataAugmentationDINO(MultiCropTransform):
 
 def _dino_from_args(args, global_crops_size, colour_on_device):
     return DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                                args.local_crops_size, global_crops_size, colour_on_device=colour_on_device)
+                                args.local_crops_size, global_crops_size, colour_on_device=colour_on_device,
+                                blur_radius=args.blur_radius)
 
 
 def _deit_from_args(args, global_crops_size, colour_on_device):

@@ -101,6 +101,11 @@ def get_args_parser():
                    help='area range of the local crops; its upper end should be below the lower end of '
                         '--global_crops_scale')
     p.add_argument('--local_crops_size', type=int, nargs='+', default=(96,), help='e.g. 96 128')
+    p.add_argument('--blur_radius', type=float, nargs=2, default=(0.1, 2.0), metavar=('MIN', 'MAX'),
+                   help='''range of the Gaussian blur's radius in pixels of a view (the original's 0.1 2, made for
+                   224 px global and 96 px local views; blur applies to the first global view always, to the
+                   local views half the time). On small views scale it with the view: at 64 / 32 px the
+                   original's range blurs 3.5-7x as much of the view, e.g. 0.03 0.57 (x 64/224) for 64 px''')
     p.add_argument('--aug-opt', type=str, default='dino_aug', help='augmentation policy (dino_aug)')
     p.add_argument('--colour_augment_on', default='auto', choices=['auto', 'workers', 'device'],
                    help='''where the colour steps of the dino_aug views run (jitter, grayscale, blur, solarisation):

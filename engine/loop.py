@@ -26,6 +26,8 @@ def check_args(args):
                               f"{args.local_crops_size} must have the same length")
     if not 0 <= args.region_loss_weight <= 1:
         raise utils.UserError(f"--region_loss_weight {args.region_loss_weight} must be in [0, 1]")
+    if not 0 < args.blur_radius[0] <= args.blur_radius[1]:
+        raise utils.UserError(f"--blur_radius {args.blur_radius[0]} {args.blur_radius[1]}: need 0 < MIN <= MAX")
     if args.knn_freq < 0:
         raise utils.UserError(f"--knn_freq must be 0 (never) or a number of epochs, got {args.knn_freq}")
     if args.colour_augment_on == 'device' and args.aug_opt != 'dino_aug':

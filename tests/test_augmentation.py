@@ -13,6 +13,7 @@ from torchvision import transforms as T
 import datasets.transforms as augmentation
 from datasets import DataAugmentationDINO, denormalize
 from datasets.folder import load_image
+from helpers import command, run_training
 
 DRAWS = 1500
 
@@ -89,6 +90,32 @@ def test_each_step_is_applied_as_often_as_the_original_specifies(view_index, blu
     for step, p in expected.items():
         assert recorder.counts[step] / DRAWS == pytest.approx(p, abs=tolerance), step
     assert grey / DRAWS == pytest.approx(0.2, abs=tolerance)
+
+
+@pytest.mark.parametrize('blur_radius', [(0.1, 2.0), (0.03, 0.57)])
+def test_blur_radius_is_uniform_in_its_range_on_both_colour_paths(blur_radius, monkeypatch):
+    transform = DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), [1], [16], global_crops_size=16, blur_radius=blur_radius)
+    on_device = DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), [1], [16], global_crops_size=16,
+                                     blur_radius=blur_radius, colour_on_device=True)
+    radii, filter_ = [], Image.Image.filter
+    monkeypatch.setattr(Image.Image, 'filter', lambda image, f: radii.append(f.radius) or filter_(image, f))
+    image = photo_like(48, 40)
+    torch.manual_seed(0)
+    for _ in range(DRAWS):
+        transform.global_views[0](image)                       # blurred with probability 1
+    torch.manual_seed(0)
+    device_radii = [on_device.global_views[0](image)[1][augmentation.ViewColour.SIZE - 2].item()
+                    for _ in range(DRAWS)]
+    expected = np.random.default_rng(0).uniform(*blur_radius, DRAWS)
+    assert ks_distance(np.array(radii), expected) < 1.95 * math.sqrt(2 / DRAWS)
+    assert min(radii) >= blur_radius[0] and max(radii) <= blur_radius[1]
+    assert device_radii == pytest.approx(radii, abs=1e-6)      # the same draws, sent to the device
+
+
+def test_blur_radius_out_of_order_is_a_one_line_error(tmp_path):
+    import utils
+    with pytest.raises(utils.UserError, match=r'--blur_radius 2.0 0.1: need 0 < MIN <= MAX'):
+        run_training(command('--blur_radius', '2', '0.1', '--output_dir', str(tmp_path)))
 
 
 @pytest.mark.parametrize('scale,size', [((0.4, 1.0), (60, 45)), ((0.05, 0.4), (45, 60))])
