@@ -26,6 +26,8 @@ def check_args(args):
                               f"{args.local_crops_size} must have the same length")
     if not 0 <= args.region_loss_weight <= 1:
         raise utils.UserError(f"--region_loss_weight {args.region_loss_weight} must be in [0, 1]")
+    if args.region_teacher_temp is not None and args.region_teacher_temp <= 0:
+        raise utils.UserError(f"--region_teacher_temp {args.region_teacher_temp} must be positive")
     if not 0 < args.blur_radius[0] <= args.blur_radius[1]:
         raise utils.UserError(f"--blur_radius {args.blur_radius[0]} {args.blur_radius[1]}: need 0 < MIN <= MAX")
     if args.knn_freq < 0:

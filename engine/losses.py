@@ -32,6 +32,13 @@ def float32_loss(forward):
     return run
 
 
+def teacher_temp_schedule(warmup_teacher_temp, teacher_temp, warmup_epochs, nepochs):
+    """The teacher temperature of each epoch: a linear warm-up (too high a temperature early makes training
+    unstable), then constant."""
+    return np.concatenate((np.linspace(warmup_teacher_temp, teacher_temp, warmup_epochs),
+                           np.ones(max(nepochs - warmup_epochs, 1)) * teacher_temp))
+
+
 class _CenteredDistillationLoss(nn.Module):
     """Teacher temperature schedule and EMA-centering shared by both losses."""
     monitor = None  # an engine.health.HealthMonitor sees each forward's cross-entropies and teacher probabilities
@@ -44,21 +51,19 @@ class _CenteredDistillationLoss(nn.Module):
         self.ncrops = ncrops
         self.register_buffer('center', torch.zeros(1, out_dim))
         self._center_stats = {}  # center buffer name -> (sum of teacher rows 1 x K, row count) since the last update
-        # a linear warm-up of the teacher temperature: too high a temperature early makes training unstable
-        self.teacher_temp_schedule = np.concatenate((
-            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
-            np.ones(max(nepochs - warmup_teacher_temp_epochs, 1)) * teacher_temp,
-        ))
+        self.teacher_temp_schedule = teacher_temp_schedule(warmup_teacher_temp, teacher_temp,
+                                                           warmup_teacher_temp_epochs, nepochs)
 
-    def teacher_temp(self, epoch):
-        return float(self.teacher_temp_schedule[min(int(epoch), len(self.teacher_temp_schedule) - 1)])
+    def teacher_temp(self, epoch, schedule=None):
+        schedule = self.teacher_temp_schedule if schedule is None else schedule
+        return float(schedule[min(int(epoch), len(schedule) - 1)])
 
-    def teacher_probs(self, teacher_out, center, epoch):
+    def teacher_probs(self, teacher_out, center, epoch, schedule=None):
         """softmax((t - center) / tau_t), no gradient, float32 and contiguous whatever the layout of
-        ``teacher_out``. ... x K -> ... x K"""
+        ``teacher_out``; tau_t of ``schedule`` (default: the teacher temperature schedule). ... x K -> ... x K"""
         centered = torch.empty(teacher_out.shape, device=teacher_out.device)
         torch.sub(teacher_out.detach(), center, out=centered)                          # one pass
-        return F.softmax(centered.div_(self.teacher_temp(epoch)), dim=-1)
+        return F.softmax(centered.div_(self.teacher_temp(epoch, schedule)), dim=-1)
 
     def view_cross_entropy(self, student_cls_out, teacher_cls_probs, mix_targets=None):
         """[2 x ncrops] matrix of batch-mean cross-entropies, teacher view i against student view v.
@@ -191,7 +196,8 @@ class DDINOLoss(_CenteredDistillationLoss):
     w x the mean over the student's region tokens of the cross-entropy between the student token and
     the teacher token of view i whose *backbone feature* is most cosine-similar to the student token's;
     teacher region probabilities are centred by ``center_grid``. The loss is the mean over pairs of the
-    batch mean. ``region_weight`` w is 0.5 in the original.
+    batch mean. ``region_weight`` w is 0.5 in the original. ``region_teacher_temp``: the region head's teacher
+    temperature after the warm-up (default: ``teacher_temp``, as the original).
 
     ``local_crops_number`` lists the number of local crops of each local size, in crop order (default:
     one size, ``ncrops - 2`` crops, as the original).
@@ -203,12 +209,15 @@ class DDINOLoss(_CenteredDistillationLoss):
     """
 
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
-                 nepochs, student_temp=0.1, center_momentum=0.9, local_crops_number=None, region_weight=0.5):
+                 nepochs, student_temp=0.1, center_momentum=0.9, local_crops_number=None, region_weight=0.5,
+                 region_teacher_temp=None):
         super().__init__(out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
                          nepochs, student_temp, center_momentum)
         if not 0 <= region_weight <= 1:
             raise ValueError(f"region_weight {region_weight} is not in [0, 1]")
         self.region_weight = region_weight
+        self.region_temp_schedule = None if region_teacher_temp is None else teacher_temp_schedule(
+            warmup_teacher_temp, region_teacher_temp, warmup_teacher_temp_epochs, nepochs)
         self.register_buffer('center_grid', torch.zeros(1, out_dim))
         local_crops_number = [ncrops - 2] if local_crops_number is None else [int(n) for n in local_crops_number]
         if sum(local_crops_number) != ncrops - 2:
@@ -233,7 +242,8 @@ class DDINOLoss(_CenteredDistillationLoss):
 
         C, K = t_fea.shape[-1], t_region_out.shape[-1]
         t_region_by_image = t_region_out.view(2, batch, n_teacher_tokens, K).transpose(0, 1)  # B x 2 x T_t x K
-        t_region_probs = self.teacher_probs(t_region_by_image, self.center_grid, epoch)  # contiguous, same shape
+        t_region_probs = self.teacher_probs(t_region_by_image, self.center_grid, epoch,
+                                            self.region_temp_schedule)                 # contiguous, same shape
         t_region_mass = t_region_probs.sum(-1)                                         # B x 2 x T_t
         t_fea_unit = F.normalize(t_fea.detach().float(), dim=-1).view(2, batch, n_teacher_tokens, C)
 

@@ -32,8 +32,10 @@ def cosine(a, b):
 
 
 def naive_ddino(s_cls, s_region, s_fea, crop_tokens, t_cls, t_region, t_fea, n_t, batch, temp, center, center_grid,
-                dense=True, region_weight=0.5):
-    """Python lists; crop_tokens = token count of each student crop in crop order."""
+                dense=True, region_weight=0.5, region_temp=None):
+    """Python lists; crop_tokens = token count of each student crop in crop order; region_temp: the region
+    teacher's temperature (default ``temp``)."""
+    region_temp = temp if region_temp is None else region_temp
     ncrops = len(crop_tokens)
     # row offset of each student crop in the region tensors (crop-major, then batch, then token)
     offsets, o = [], 0
@@ -41,7 +43,7 @@ def naive_ddino(s_cls, s_region, s_fea, crop_tokens, t_cls, t_region, t_fea, n_t
         offsets.append(o)
         o += batch * n
     teacher_cls = [naive_softmax([(x - c) / temp for x, c in zip(row, center)]) for row in t_cls]
-    teacher_region = [naive_softmax([(x - c) / temp for x, c in zip(row, center_grid)]) for row in t_region]
+    teacher_region = [naive_softmax([(x - c) / region_temp for x, c in zip(row, center_grid)]) for row in t_region]
     total, pairs = 0.0, 0
     for i in range(2):
         for v in range(ncrops):
@@ -112,6 +114,21 @@ def test_ddino_region_weight_matches_naive(region_weight):
     assert loss_fn(student, teacher, 0).item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match='region_weight 1.5'):
         DDINOLoss(7, 5, 0.04, 0.04, 0, 10, region_weight=1.5)
+
+
+def test_region_teacher_temp_warms_up_with_the_view_teachers_and_matches_naive():
+    student, teacher = random_outputs(2, [2, 3], [4, 1], seed=4)
+    loss_fn = DDINOLoss(7, 5, 0.04, 0.05, 3, 10, region_teacher_temp=0.09)
+    for epoch, view_temp, region_temp in [(1, 0.045, 0.065), (5, 0.05, 0.09)]:  # linspace(0.04, ., 3)[1], then flat
+        expected = naive_ddino(student[0].tolist(), student[1].tolist(), student[2].tolist(), [4, 4, 1, 1, 1],
+                               teacher[0].tolist(), teacher[1].tolist(), teacher[2].tolist(), 4, 2, view_temp,
+                               [0.0] * 7, [0.0] * 7, region_temp=region_temp)
+        assert loss_fn(student, teacher, epoch).item() == pytest.approx(expected, rel=1e-5), epoch
+    default = DDINOLoss(7, 5, 0.04, 0.05, 3, 10)(student, teacher, 5).item()
+    assert default == pytest.approx(naive_ddino(student[0].tolist(), student[1].tolist(), student[2].tolist(),
+                                                [4, 4, 1, 1, 1], teacher[0].tolist(), teacher[1].tolist(),
+                                                teacher[2].tolist(), 4, 2, 0.05, [0.0] * 7, [0.0] * 7), rel=1e-5)
+    assert default != pytest.approx(loss_fn(student, teacher, 5).item(), rel=1e-3)
 
 
 def test_region_loss_weight_out_of_range_is_a_one_line_error(tmp_path):
