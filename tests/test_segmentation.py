@@ -214,3 +214,24 @@ def test_bad_data_is_a_one_line_error(tmp_path, capsys, case):
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1 and culprit in lines[0], lines
     assert {'split': 'not found', 'big': '16x20', 'high': 'class 7'}[case] in lines[0]
+
+
+def test_token_grid_ceiling_is_the_block_majority_oracle(tmp_path):
+    # one 4 x 4 mask, 2 px tokens: blocks (top-left, top-right, bottom-left, bottom-right) hold
+    # [0 0 0 1] -> 0, [1 1 1 255] -> 1 (255 does not vote), [2 2 0 0] -> 0 (a tie goes to the lower class),
+    # [255 x 4] -> stays ignored
+    mask = np.array([[0, 0, 1, 1], [0, 1, 1, IGNORE_INDEX], [2, 2, 255, 255], [0, 0, 255, 255]], dtype=np.uint8)
+    write_voc(tmp_path, {'a': np.zeros((4, 4, 3), np.uint8)}, {'a': mask}, {'val': ['a']})
+    out = tmp_path / 'ceiling.json'
+    done = subprocess.run([sys.executable, 'scripts/token_grid_ceiling.py', '--data_path', str(tmp_path),
+                           '--token_px', '2', '1', '--json', str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    two, one = json.loads(out.read_text())['2'], json.loads(out.read_text())['1']
+    # scored pixels (truth -> oracle): 0 -> 0 x5, 1 -> 0 x1, 1 -> 1 x3, 2 -> 0 x2
+    # IoU: 0 -> 5 / (5 + 3), 1 -> 3 / 4, 2 -> 0 / 2
+    assert two['iou'] == pytest.approx([100 * 5 / 8, 100 * 3 / 4, 0.0])
+    assert two['miou'] == pytest.approx(100 * (5 / 8 + 3 / 4) / 3) and two['pixel_acc'] == pytest.approx(100 * 8 / 11)
+    assert one['miou'] == 100.0                                       # 1 px tokens: the mask itself
+    done = subprocess.run([sys.executable, 'scripts/token_grid_ceiling.py', '--data_path', str(tmp_path),
+                           '--token_px', '3'], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and 'a.png' in done.stderr
