@@ -59,7 +59,9 @@ def get_args_parser():
     p.add_argument('--region_teacher_temp', default=None, type=float,
                    help='with --use_dense_prediction: the region head\'s teacher temperature after the warm-up '
                         '(default: --teacher_temp, as the original); the warm-up starts at --warmup_teacher_temp '
-                        'for both heads. A higher value keeps the matched teacher tokens\' targets soft')
+                        'for both heads. A higher value keeps the matched teacher tokens\' targets soft: on the '
+                        'README\'s scene study 0.07 brought the view-to-view correspondences above random init, '
+                        'not the dense probe')
     p.add_argument('--warmup_teacher_temp_epochs', default=0, type=int,
                    help='epochs of the linear warm-up from --warmup_teacher_temp to --teacher_temp (the original\'s '
                         'recipes: 30)')
@@ -110,7 +112,8 @@ def get_args_parser():
                    help='''range of the Gaussian blur's radius in pixels of a view (the original's 0.1 2, made for
                    224 px global and 96 px local views; blur applies to the first global view always, to the
                    local views half the time). On small views scale it with the view: at 64 / 32 px the
-                   original's range blurs 3.5-7x as much of the view, e.g. 0.03 0.57 (x 64/224) for 64 px''')
+                   original's range blurs 3.5-7x as much of the view, e.g. 0.03 0.57 (x 64/224) for 64 px
+                   (on the README's scene study that did not beat the default)''')
     p.add_argument('--aug-opt', type=str, default='dino_aug', help='augmentation policy (dino_aug)')
     p.add_argument('--colour_augment_on', default='auto', choices=['auto', 'workers', 'device'],
                    help='''where the colour steps of the dino_aug views run (jitter, grayscale, blur, solarisation):

@@ -135,6 +135,8 @@ def test_region_loss_weight_out_of_range_is_a_one_line_error(tmp_path):
     import utils
     with pytest.raises(utils.UserError, match=r'--region_loss_weight -0.1 must be in \[0, 1\]'):
         run_training(command('--region_loss_weight', '-0.1', '--output_dir', str(tmp_path)))
+    with pytest.raises(utils.UserError, match=r'--region_teacher_temp 0.0 must be positive'):
+        run_training(command('--region_teacher_temp', '0', '--output_dir', str(tmp_path)))
 
 
 def test_dino_loss_matches_naive():
