@@ -2,7 +2,7 @@
 
     transform = build_transform(args, global_crops_size=224)  # args.aug_opt: 'dino_aug' | 'deit_aug'
     transform = DataAugmentationDINO(global_crops_scale, local_crops_scale, local_crops_number,
-                                     local_crops_size, global_crops_size=224)
+                                     local_crops_size, global_crops_size=224, blur_radius=(0.1, 2.0))
         transform(pil_image) -> [global1, global2, *locals]  # tensors 3 x S x S, S = transform.crop_sizes()[i]
     dataset = build_dataset(data_path, transform, zip_mode=False, on_bad_image='skip', zip_prefix='')
         -> ImageFolderDataset(data_path) or ZipImageFolder(data_path if a file else data_path/train.zip);
