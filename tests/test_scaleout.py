@@ -53,12 +53,12 @@ def non_default_value(action):
         return [next(c for c in action.choices if c != action.default)]
     if action.type is utils.bool_flag:
         return [str(not action.default)]
-    if action.nargs == '+':
+    if action.nargs in ('+', 2):
         return ['3', '5'] if action.type is int else ['0.25', '0.75']
     if action.type is int:
         return [str((action.default or 0) + 7)]
     if action.type is float:
-        return [repr(action.default + 0.125)]
+        return [repr((action.default or 0.0) + 0.125)]
     return [f'value_of_{action.dest}']
 
 
