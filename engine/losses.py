@@ -216,8 +216,8 @@ class DDINOLoss(_CenteredDistillationLoss):
         if not 0 <= region_weight <= 1:
             raise ValueError(f"region_weight {region_weight} is not in [0, 1]")
         self.region_weight = region_weight
-        self.region_temp_schedule = None if region_teacher_temp is None else teacher_temp_schedule(
-            warmup_teacher_temp, region_teacher_temp, warmup_teacher_temp_epochs, nepochs)
+        self.region_temp_schedule = self.teacher_temp_schedule if region_teacher_temp is None else \
+            teacher_temp_schedule(warmup_teacher_temp, region_teacher_temp, warmup_teacher_temp_epochs, nepochs)
         self.register_buffer('center_grid', torch.zeros(1, out_dim))
         local_crops_number = [ncrops - 2] if local_crops_number is None else [int(n) for n in local_crops_number]
         if sum(local_crops_number) != ncrops - 2:

@@ -30,15 +30,13 @@ def block_majority(mask, token_px, num_labels):
     return majority.repeat(token_px, 0).repeat(token_px, 1)
 
 
-def ceiling(data_path, split, token_px, num_labels):
-    """segmentation_metrics of the block-majority oracle over every mask of the split."""
-    dataset = VOCSegmentation(data_path, split)
+def ceiling(masks, token_px, num_labels):
+    """segmentation_metrics of the block-majority oracle over ``masks`` ({path: H x W class indices})."""
     confusion = np.zeros((num_labels, num_labels), dtype=np.int64)
-    for index in range(len(dataset)):
-        mask = np.asarray(dataset.load(index)[1], dtype=np.int64)
+    for path, mask in masks.items():
         if mask.shape[0] % token_px or mask.shape[1] % token_px:
-            raise utils.UserError(f"{dataset.samples[index][1]} is {mask.shape[1]}x{mask.shape[0]}, not a multiple "
-                                  f"of --token_px {token_px}")
+            raise utils.UserError(f"{path} is {mask.shape[1]}x{mask.shape[0]}, not a multiple of --token_px {token_px}")
+        mask = mask.astype(np.int64)
         predicted, counted = block_majority(mask, token_px, num_labels), mask != IGNORE_INDEX
         confusion += np.bincount(mask[counted] * num_labels + predicted[counted],
                                  minlength=num_labels ** 2).reshape(num_labels, num_labels)
@@ -57,10 +55,12 @@ def get_args_parser():
 
 
 def main(args):
-    num_labels = args.num_labels or VOCSegmentation(args.data_path, args.split).check() + 1
+    dataset = VOCSegmentation(args.data_path, args.split)
+    num_labels = args.num_labels or dataset.check() + 1
+    masks = {dataset.samples[i][1]: np.asarray(dataset.load(i)[1]) for i in range(len(dataset))}  # read once
     results = {}
     for token_px in args.token_px:
-        metrics = ceiling(args.data_path, args.split, token_px, num_labels)
+        metrics = ceiling(masks, token_px, num_labels)
         results[token_px] = metrics
         print(f"{token_px} px tokens: block-majority mIoU {metrics['miou']:.2f}, pixel accuracy "
               f"{metrics['pixel_acc']:.2f}, per class " + ' '.join(f'{v:.1f}' for v in metrics['iou'] if v is not None))
