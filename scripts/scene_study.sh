@@ -11,6 +11,9 @@
 # Pretraining takes the demo's settings (engine.args.DEMO_DEFAULTS) but for the loss and the epochs; a variant
 # whose OUT/<variant>/checkpoint.pth exists is not pretrained again. EXTRA: more main_esvit.py flags; SCENES:
 # more make_scenes.py flags (--garment_sizes, --garments_per_canvas, --seed); SEG: more eval_segmentation.py flags.
+# PRETRAIN_SCENES: make_scenes.py flags of a separate set of train canvases to pretrain on (OUT/pretrain_data,
+# e.g. "--garments_per_canvas 1 1 --num_train 16000 --seed 2": one garment each, object-centric like ImageNet)
+# instead of the benchmark's own train canvases; the probes always train and test on the benchmark's scenes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-output/scenes}
@@ -24,9 +27,15 @@ VARIANTS=${VARIANTS:-"V VR VthenVR"}
 read -r -a EXTRA <<< "${EXTRA:-}"
 read -r -a SCENES <<< "${SCENES:-}"      # more make_scenes.py flags, e.g. "--garment_sizes 32 56"
 read -r -a SEG <<< "${SEG:-}"            # more eval_segmentation.py flags, e.g. "--n_last_blocks 6"
+read -r -a PRETRAIN_SCENES <<< "${PRETRAIN_SCENES:-}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 python scripts/make_scenes.py --output_dir "$OUT/data" --source full --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" "${SCENES[@]}"
+PRETRAIN_DATA=$OUT/data/pretrain
+if [ ${#PRETRAIN_SCENES[@]} -gt 0 ]; then
+    python scripts/make_scenes.py --output_dir "$OUT/pretrain_data" --source full --num_val 1 "${PRETRAIN_SCENES[@]}"
+    PRETRAIN_DATA=$OUT/pretrain_data/pretrain
+fi
 MODEL=(--cfg experiments/cpu/swin_scenes.yaml --arch swin)
 read -r -a DEMO <<< "$(python -c "
 from engine import DEMO_DEFAULTS
@@ -36,7 +45,7 @@ pretrain() {  # variant dense epochs [more flags]
     local variant=$1 dense=$2 epochs=$3; shift 3
     [ -f "$OUT/$variant/checkpoint.pth" ] && return
     python main_esvit.py "${MODEL[@]}" "${DEMO[@]}" --use_dense_prediction "$dense" --epochs "$epochs" \
-        --data_path "$OUT/data/pretrain" --knn_freq 0 --output_dir "$OUT/$variant" "${EXTRA[@]}" "$@" \
+        --data_path "$PRETRAIN_DATA" --knn_freq 0 --output_dir "$OUT/$variant" "${EXTRA[@]}" "$@" \
         > "$OUT/$variant.pretrain.log" 2>&1 || { tail -3 "$OUT/$variant.pretrain.log"; exit 1; }
     grep -E 'Training time' "$OUT/$variant.pretrain.log" | tail -1
 }
