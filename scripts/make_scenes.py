@@ -30,9 +30,9 @@ def get_args_parser():
                    help='least and most garments on a canvas (fewer: less overlap, more of each garment visible)')
     p.add_argument('--max_overlap', default=1.0, type=float,
                    help="""the largest fraction of a garment that the garments painted after it may hide (each is
-        placed at the first of 50 random positions that keeps to it, else the best of them); 1: no bound. The
-        dense probe depends on it: pretraining gains more over random init where garments hide less of each
-        other (README, Fifth study)""")
+        placed at the first of 50 random positions that keeps to it, else the best of them); 1: no bound. What
+        pretraining gains on the dense probe hardly depends on it, but on the garments per canvas (README,
+        Fifth study)""")
     return p
 
 
