@@ -77,19 +77,20 @@ def compose_scene(rng, garments, labels, canvas_size=64, garment_sizes=(20, 40),
     image = smooth_background(rng, canvas_size).copy()
     mask = np.zeros((canvas_size, canvas_size), np.uint8)
     owner = np.full((canvas_size, canvas_size), -1, np.int16)  # S x S: which placed garment shows at a pixel
-    full_areas = []  # the pixel count of each placed garment
+    full_areas = np.zeros(0, np.int64)  # the pixel count of each placed garment
     placed = []
     for _ in range(rng.integers(per_canvas[0], per_canvas[1] + 1)):
         index = rng.integers(len(garments))
         best = None
+        visible = np.bincount(owner.ravel() + 1, minlength=len(placed) + 1)[1:]  # pixels of each placed garment shown
         for _ in range(PLACEMENT_TRIES if max_overlap < 1 else 1):
             side = int(rng.integers(garment_sizes[0], garment_sizes[1] + 1))
             top, left = (int(v) for v in rng.integers(0, canvas_size - side + 1, size=2))
             photo = np.asarray(Image.fromarray(garments[index]).resize((side, side), Image.BILINEAR))  # side x side
             pixels = photo >= GARMENT_THRESHOLD
             hidden = np.bincount(owner[top:top + side, left:left + side][pixels] + 1, minlength=len(placed) + 1)[1:]
-            worst = max((hidden[i] + full_areas[i] - (owner == i).sum()) / full_areas[i]
-                        for i in range(len(placed))) if placed else 0.0  # the largest fraction of a garment hidden
+            # the largest fraction of a placed garment hidden once this one is painted
+            worst = ((full_areas - visible + hidden) / full_areas).max() if placed else 0.0
             if best is None or worst < best[0]:
                 best = (worst, side, top, left, photo, pixels)
             if worst <= max_overlap:
@@ -98,7 +99,7 @@ def compose_scene(rng, garments, labels, canvas_size=64, garment_sizes=(20, 40),
         image[top:top + side, left:left + side][pixels] = photo[pixels]
         mask[top:top + side, left:left + side][pixels] = labels[index] + 1
         owner[top:top + side, left:left + side][pixels] = len(placed)
-        full_areas.append(max(int(pixels.sum()), 1))
+        full_areas = np.append(full_areas, max(int(pixels.sum()), 1))
         placed.append((int(index), side, top, left))
     return image, mask, placed
 

@@ -39,6 +39,11 @@ def teacher_temp_schedule(warmup_teacher_temp, teacher_temp, warmup_epochs, nepo
                            np.ones(max(nepochs - warmup_epochs, 1)) * teacher_temp))
 
 
+def epoch_value(schedule, epoch):
+    """``schedule``'s value at ``epoch`` (its last past the end)."""
+    return float(schedule[min(int(epoch), len(schedule) - 1)])
+
+
 class _CenteredDistillationLoss(nn.Module):
     """Teacher temperature schedule and EMA-centering shared by both losses."""
     monitor = None  # an engine.health.HealthMonitor sees each forward's cross-entropies and teacher probabilities
@@ -54,16 +59,16 @@ class _CenteredDistillationLoss(nn.Module):
         self.teacher_temp_schedule = teacher_temp_schedule(warmup_teacher_temp, teacher_temp,
                                                            warmup_teacher_temp_epochs, nepochs)
 
-    def teacher_temp(self, epoch, schedule=None):
-        schedule = self.teacher_temp_schedule if schedule is None else schedule
-        return float(schedule[min(int(epoch), len(schedule) - 1)])
+    def teacher_temp(self, epoch):
+        return epoch_value(self.teacher_temp_schedule, epoch)
 
-    def teacher_probs(self, teacher_out, center, epoch, schedule=None):
-        """softmax((t - center) / tau_t), no gradient, float32 and contiguous whatever the layout of
-        ``teacher_out``; tau_t of ``schedule`` (default: the teacher temperature schedule). ... x K -> ... x K"""
+    @staticmethod
+    def teacher_probs(teacher_out, center, temp):
+        """softmax((t - center) / temp), no gradient, float32 and contiguous whatever the layout of
+        ``teacher_out``. ... x K -> ... x K"""
         centered = torch.empty(teacher_out.shape, device=teacher_out.device)
         torch.sub(teacher_out.detach(), center, out=centered)                          # one pass
-        return F.softmax(centered.div_(self.teacher_temp(epoch, schedule)), dim=-1)
+        return F.softmax(centered.div_(temp), dim=-1)
 
     def view_cross_entropy(self, student_cls_out, teacher_cls_probs, mix_targets=None):
         """[2 x ncrops] matrix of batch-mean cross-entropies, teacher view i against student view v.
@@ -119,7 +124,7 @@ class DINOLoss(_CenteredDistillationLoss):
 
     @float32_loss
     def forward(self, student_output, teacher_output, epoch, mix_targets=None):
-        teacher_probs = self.teacher_probs(teacher_output, self.center, epoch)
+        teacher_probs = self.teacher_probs(teacher_output, self.center, self.teacher_temp(epoch))
         ce = self.view_cross_entropy(student_output, teacher_probs, mix_targets)  # 2 x V
         loss = ce[self.pair_mask(ce.device)].mean()
         self.accumulate_center_stats(center=teacher_output)
@@ -237,13 +242,13 @@ class DDINOLoss(_CenteredDistillationLoss):
                              f"region rows; expected crops per group {self.crops_per_group} with token counts "
                              f"{list(s_npatch)} x batch {batch} = {expected_rows} rows")
 
-        t_cls_probs = self.teacher_probs(t_cls_out, self.center, epoch)
+        t_cls_probs = self.teacher_probs(t_cls_out, self.center, self.teacher_temp(epoch))
         view_ce = self.view_cross_entropy(s_cls_out, t_cls_probs, mix_targets)         # 2 x V
 
         C, K = t_fea.shape[-1], t_region_out.shape[-1]
         t_region_by_image = t_region_out.view(2, batch, n_teacher_tokens, K).transpose(0, 1)  # B x 2 x T_t x K
-        t_region_probs = self.teacher_probs(t_region_by_image, self.center_grid, epoch,
-                                            self.region_temp_schedule)                 # contiguous, same shape
+        t_region_probs = self.teacher_probs(t_region_by_image, self.center_grid,
+                                            epoch_value(self.region_temp_schedule, epoch))  # contiguous, same shape
         t_region_mass = t_region_probs.sum(-1)                                         # B x 2 x T_t
         t_fea_unit = F.normalize(t_fea.detach().float(), dim=-1).view(2, batch, n_teacher_tokens, C)
 

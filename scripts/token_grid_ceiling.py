@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import torch
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import utils  # noqa: E402
@@ -32,15 +33,13 @@ def block_majority(mask, token_px, num_labels):
 
 def ceiling(masks, token_px, num_labels):
     """segmentation_metrics of the block-majority oracle over ``masks`` ({path: H x W class indices})."""
-    confusion = np.zeros((num_labels, num_labels), dtype=np.int64)
+    confusion = MulticlassConfusionMatrix(num_labels, ignore_index=IGNORE_INDEX, validate_args=False)  # as the probe's
     for path, mask in masks.items():
         if mask.shape[0] % token_px or mask.shape[1] % token_px:
             raise utils.UserError(f"{path} is {mask.shape[1]}x{mask.shape[0]}, not a multiple of --token_px {token_px}")
         mask = mask.astype(np.int64)
-        predicted, counted = block_majority(mask, token_px, num_labels), mask != IGNORE_INDEX
-        confusion += np.bincount(mask[counted] * num_labels + predicted[counted],
-                                 minlength=num_labels ** 2).reshape(num_labels, num_labels)
-    return segmentation_metrics(torch.from_numpy(confusion))
+        confusion.update(torch.from_numpy(block_majority(mask, token_px, num_labels)), torch.from_numpy(mask))
+    return segmentation_metrics(confusion.compute())
 
 
 def get_args_parser():
