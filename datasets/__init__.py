@@ -52,7 +52,7 @@ from .loader import (DistributedEpochSampler, EpochRandomSampler, WorkerLoader, 
                      worker_init, worker_nice)
 from .deit_aug import DataAugmentationDEIT
 from .device_colour import DeviceColour
-from .transforms import (DataAugmentationDINO, MultiCropTransform, build_transform,
+from .transforms import (BoxedViews, DataAugmentationDINO, MultiCropTransform, build_transform,
                          center_view, colour_jitter, denormalize, eval_transform, normalize, probe_train_transform,
                          to_normalized_tensor)
 
@@ -62,7 +62,7 @@ __all__ = [
     'unlabelled_folder',
     'DistributedEpochSampler', 'EpochRandomSampler', 'WorkerLoader', 'build_loader', 'cap_workers', 'set_epoch',
     'worker_init', 'worker_nice',
-    'DataAugmentationDEIT', 'DataAugmentationDINO', 'DeviceColour', 'MultiCropTransform', 'build_transform',
+    'BoxedViews', 'DataAugmentationDEIT', 'DataAugmentationDINO', 'DeviceColour', 'MultiCropTransform', 'build_transform',
     'center_view', 'colour_jitter', 'denormalize', 'eval_transform', 'normalize', 'probe_train_transform',
     'to_normalized_tensor',
 ]

@@ -239,24 +239,34 @@ class DINOView:
 
     def __call__(self, image):
         """``image``: a PIL image or a :class:`HalvingPyramid` of one."""
+        return self.view_and_box(image)[0]
+
+    def view_and_box(self, image):
+        """(the view, its box): where the view's pixels come from, for matching the tokens of two views by
+        position (``--region_matching position``). box: [top, left, height, width] of the crop as fractions of
+        the image's height and width, then 1.0 if the view was flipped left-right, else 0.0."""
         pyramid = image if isinstance(image, HalvingPyramid) else HalvingPyramid(image)
-        view = self.resized_crop(pyramid)
+        (top, left, height, width), view = self.resized_crop(pyramid)
         flip, jitter, grey, blur, radius, solarize = torch.rand(6).tolist()
         if flip < 0.5:
             view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        base = pyramid.base
+        box = torch.tensor([top / base.height, left / base.width, height / base.height, width / base.width,
+                            float(flip < 0.5)])
         colour = ViewColour(jitter=self.jitter.draw() if jitter < 0.8 else None, grey=grey < 0.2,
                             blur_radius=self._radius(radius) if blur < self.blur_p else 0.0,
                             solarize=solarize < self.solarize_p)
         if self.colour_on_device:
-            return to_uint8_tensor(view), colour.as_tensor()
-        return to_normalized_tensor(self.apply_colour(view, colour))
+            return (to_uint8_tensor(view), colour.as_tensor()), box
+        return to_normalized_tensor(self.apply_colour(view, colour)), box
 
     def _radius(self, uniform):
         low, high = self.blur_radius
         return low + (high - low) * uniform
 
     def resized_crop(self, pyramid):
-        """The random resized crop, from the level of ``pyramid`` that still has the view's size in the box."""
+        """(top, left, height, width) of a random resized crop box on ``pyramid.base`` and the crop, resized from
+        the level of ``pyramid`` that still has the view's size in the box."""
         top, left, height, width = T.RandomResizedCrop.get_params(pyramid.base, self.scale, RESIZED_CROP_RATIO)
         k = 0
         while k < pyramid.max_level and min(width, height) >= self.size * 2 ** (k + 1):
@@ -265,7 +275,7 @@ class DINOView:
         shrink = source.width / pyramid.base.width  # 2^-k up to the rounding up of odd sizes
         box = (left * shrink, top * shrink, min((left + width) * shrink, source.width),
                min((top + height) * shrink, source.height))
-        return source.resize((self.size, self.size), Image.BICUBIC, box=box)
+        return (top, left, height, width), source.resize((self.size, self.size), Image.BICUBIC, box=box)
 
     def apply_colour(self, view, colour):
         """The colour steps of ``colour`` (a :class:`ViewColour`) on a PIL view, in the original's order."""
@@ -289,6 +299,13 @@ class DINOView:
                 f"colour_on_device={self.colour_on_device})")
 
 
+class BoxedViews(NamedTuple):
+    """The views of one image with their crop boxes (``DataAugmentationDINO(with_boxes=True)``); the DataLoader
+    batches both fields: crops [V x (B x 3 x S x S)], boxes B x V x 5 (see :meth:`DINOView.view_and_box`)."""
+    crops: list
+    boxes: torch.Tensor
+
+
 class DataAugmentationDINO(MultiCropTransform):
     """DINO multi-crop: bicubic random resized crops, flip, colour jitter, grayscale, blur, solarisation.
 
@@ -303,19 +320,29 @@ class DataAugmentationDINO(MultiCropTransform):
 
     With ``colour_on_device`` every view is (uint8 pixels, colour draws) and the colour steps are left to
     ``datasets.DeviceColour`` on the training device (`--colour_augment_on device`).
+
+    With ``with_boxes`` it returns :class:`BoxedViews`: the views and where each was cropped
+    (`--region_matching position`).
     """
 
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number, local_crops_size=96,
-                 global_crops_size=224, colour_on_device=False, blur_radius=(0.1, 2.0)):
+                 global_crops_size=224, colour_on_device=False, blur_radius=(0.1, 2.0), with_boxes=False):
         local_groups = local_crop_groups(local_crops_number, local_crops_size)
         on_device = dict(colour_on_device=colour_on_device, blur_radius=blur_radius)
         global_views = [DINOView(global_crops_size, global_crops_scale, blur_p=1.0, **on_device),
                         DINOView(global_crops_size, global_crops_scale, blur_p=0.1, solarize_p=0.2, **on_device)]
         local_views = [DINOView(size, local_crops_scale, blur_p=0.5, **on_device) for _, size in local_groups]
         super().__init__(global_views, local_views, global_crops_size, local_groups)
+        self.with_boxes = with_boxes
 
     def __call__(self, image):
-        return super().__call__(HalvingPyramid(image))
+        pyramid = HalvingPyramid(image)
+        if not self.with_boxes:
+            return super().__call__(pyramid)
+        views = self.global_views + [view for view, (count, _) in zip(self.local_views, self.local_groups)
+                                     for _ in range(count)]
+        crops, boxes = zip(*(view.view_and_box(pyramid) for view in views))
+        return BoxedViews(list(crops), torch.stack(boxes))
 
     def decode_size(self, width, height):
         """The smallest (width, height) a width x height image may be decoded at: reduced by the largest factor
@@ -328,7 +355,8 @@ class DataAugmentationDINO(MultiCropTransform):
 def _dino_from_args(args, global_crops_size, colour_on_device):
     return DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                                 args.local_crops_size, global_crops_size, colour_on_device=colour_on_device,
-                                blur_radius=args.blur_radius)
+                                blur_radius=args.blur_radius,
+                                with_boxes=args.region_matching == 'position')
 
 
 def _deit_from_args(args, global_crops_size, colour_on_device):

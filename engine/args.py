@@ -49,6 +49,14 @@ def get_args_parser():
         probe reads), smaller on the pooled view (what k-NN and linear probes read); on the README's scene study 0.8
         did worse on the dense probe than 0.5 or 0.2 (the view head starved).""")
 
+    p.add_argument('--region_matching', default='feature', choices=['feature', 'position'],
+                   help="""with --use_dense_prediction: which teacher token each student region token learns from.
+        'feature' (the original's): the teacher token of the other view whose backbone feature is most
+        cosine-similar; early in training these matches are mostly wrong (on the README's scenes they found the
+        same place of the image for about 4 tokens in 10). 'position': the teacher token that covers the same
+        point of the image, from the views' crop boxes (by feature where the other view does not hold that point).
+        Needs --aug-opt dino_aug and no --use_mixup.""")
+
     # teacher temperature
     p.add_argument('--warmup_teacher_temp', default=0.04, type=float,
                    help='teacher temperature at the start of the warm-up; try 0.04 and lower it if the loss does not '

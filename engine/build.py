@@ -48,7 +48,8 @@ def build_loss(args):
     if args.use_dense_prediction:
         loss = DDINOLoss(*common, local_crops_number=args.local_crops_number,
                          region_weight=args.region_loss_weight,
-                         region_teacher_temp=args.region_teacher_temp).to(args.device)
+                         region_teacher_temp=args.region_teacher_temp,
+                         region_matching=args.region_matching).to(args.device)
     else:
         loss = DINOLoss(*common).to(args.device)
     if args.health_signals:

@@ -12,6 +12,7 @@ statistics of all the forwards since the last update (with gradient accumulation
 size would; the original updated them inside each forward).
 """
 import functools
+import math
 
 import numpy as np
 import torch
@@ -21,14 +22,14 @@ import torch.nn.functional as F
 
 
 def float32_loss(forward):
-    """Run a loss's ``forward(student_output, teacher_output, epoch, mix_targets=None)`` with autocast off: under
-    bf16 autocast the 65536-wide matched dot products and similarities would be bf16 matmuls, 3e-4 off the
-    float32 loss."""
+    """Run a loss's ``forward(student_output, teacher_output, epoch, ...)`` with autocast off: under bf16
+    autocast the 65536-wide matched dot products and similarities would be bf16 matmuls, 3e-4 off the float32
+    loss."""
     @functools.wraps(forward)
-    def run(self, student_output, teacher_output, epoch, mix_targets=None):
+    def run(self, student_output, teacher_output, epoch, *args, **kwargs):
         first = student_output[0] if isinstance(student_output, (tuple, list)) else student_output
         with torch.autocast(first.device.type, enabled=False):
-            return forward(self, student_output, teacher_output, epoch, mix_targets)
+            return forward(self, student_output, teacher_output, epoch, *args, **kwargs)
     return run
 
 
@@ -194,6 +195,39 @@ class MatchedCrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def position_match(student_boxes, teacher_boxes, student_grid, teacher_grid):
+    """For every student region token and teacher view, the teacher token whose cell holds the student token's
+    centre on the image, from the views' crop boxes (rows [top, left, height, width, flipped] in fractions of
+    the image, ``datasets.transforms.DINOView.view_and_box``); tokens in row-major order on square grids.
+
+    student_boxes c x B x 5, teacher_boxes 2 x B x 5 -> (match 2 x c x B x T_s teacher token indices,
+    inside 2 x c x B x T_s: the student token's centre lies in that teacher view; elsewhere match is the nearest
+    cell on the view's border)."""
+    centres = (torch.arange(student_grid, device=student_boxes.device) + 0.5) / student_grid   # g_s, in the view
+    s_top, s_left, s_height, s_width, s_flip = student_boxes[..., None].unbind(-2)          # each c x B x 1
+    across = torch.where(s_flip > 0, 1 - centres, centres)                                  # c x B x g_s, in the crop
+    token_y = s_top + centres * s_height                                                    # c x B x g_s, on the image
+    token_x = s_left + across * s_width
+    t_top, t_left, t_height, t_width, t_flip = teacher_boxes[:, None, :, :, None].unbind(-2)  # each 2 x 1 x B x 1
+    y_in_teacher = (token_y - t_top) / t_height                                             # 2 x c x B x g_s
+    x_in_teacher = (token_x - t_left) / t_width
+    x_in_teacher = torch.where(t_flip > 0, 1 - x_in_teacher, x_in_teacher)
+    inside_rows = (y_in_teacher >= 0) & (y_in_teacher < 1)
+    inside_cols = (x_in_teacher >= 0) & (x_in_teacher < 1)
+    row = (y_in_teacher * teacher_grid).floor().long().clamp(0, teacher_grid - 1)
+    col = (x_in_teacher * teacher_grid).floor().long().clamp(0, teacher_grid - 1)
+    match = row[..., :, None] * teacher_grid + col[..., None, :]                            # 2 x c x B x g_s x g_s
+    inside = inside_rows[..., :, None] & inside_cols[..., None, :]
+    return match.flatten(-2), inside.flatten(-2)
+
+
+def square_side(n_tokens):
+    side = math.isqrt(n_tokens)
+    if side * side != n_tokens:
+        raise ValueError(f"--region_matching position needs square token grids, not {n_tokens} tokens")
+    return side
+
+
 class DDINOLoss(_CenteredDistillationLoss):
     """View-level + region-level loss (EsViT).
 
@@ -207,6 +241,11 @@ class DDINOLoss(_CenteredDistillationLoss):
     ``local_crops_number`` lists the number of local crops of each local size, in crop order (default:
     one size, ``ncrops - 2`` crops, as the original).
 
+    ``region_matching``: 'feature' (the original) matches by backbone feature as above; 'position' matches each
+    student token with the teacher token of view i that covers the same point of the image (from the views'
+    crop boxes, the ``boxes`` argument of forward: B x V x 5, :func:`position_match`), and by feature where that
+    point is outside view i.
+
     With mixup targets (V x B x B) the view term compares each student image with the same mixture of teacher
     distributions, and the region term of student image b is the mixture, with weights ``target[b, b]`` and
     ``target[b, B-1-b]`` (timm's partner; renormalised, so label smoothing's spread over other images is left
@@ -215,11 +254,14 @@ class DDINOLoss(_CenteredDistillationLoss):
 
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
                  nepochs, student_temp=0.1, center_momentum=0.9, local_crops_number=None, region_weight=0.5,
-                 region_teacher_temp=None):
+                 region_teacher_temp=None, region_matching='feature'):
         super().__init__(out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
                          nepochs, student_temp, center_momentum)
         if not 0 <= region_weight <= 1:
             raise ValueError(f"region_weight {region_weight} is not in [0, 1]")
+        if region_matching not in ('feature', 'position'):
+            raise ValueError(f"region_matching '{region_matching}' is not 'feature' or 'position'")
+        self.region_matching = region_matching
         self.region_weight = region_weight
         self.region_temp_schedule = self.teacher_temp_schedule if region_teacher_temp is None else \
             teacher_temp_schedule(warmup_teacher_temp, region_teacher_temp, warmup_teacher_temp_epochs, nepochs)
@@ -230,7 +272,7 @@ class DDINOLoss(_CenteredDistillationLoss):
         self.crops_per_group = [2] + [n for n in local_crops_number if n > 0]
 
     @float32_loss
-    def forward(self, student_output, teacher_output, epoch, mix_targets=None):
+    def forward(self, student_output, teacher_output, epoch, mix_targets=None, boxes=None):
         s_cls_out, s_region_out, s_fea, s_npatch = student_output
         t_cls_out, t_region_out, t_fea, t_npatch = teacher_output
         crops_per_group = self.crops_per_group
@@ -241,6 +283,9 @@ class DDINOLoss(_CenteredDistillationLoss):
             raise ValueError(f"student output has {len(s_npatch)} resolution groups and {s_region_out.shape[0]} "
                              f"region rows; expected crops per group {self.crops_per_group} with token counts "
                              f"{list(s_npatch)} x batch {batch} = {expected_rows} rows")
+        by_position = self.region_matching == 'position'
+        if by_position and (boxes is None or mix_targets is not None):
+            raise ValueError("region_matching 'position' needs the views' crop boxes and no mixup targets")
 
         t_cls_probs = self.teacher_probs(t_cls_out, self.center, self.teacher_temp(epoch))
         view_ce = self.view_cross_entropy(s_cls_out, t_cls_probs, mix_targets)         # 2 x V
@@ -270,8 +315,14 @@ class DDINOLoss(_CenteredDistillationLoss):
             group_ce = 0.
             for source, (probs, mass, fea_unit) in enumerate(teachers):
                 sim = torch.einsum('cbsd,vbtd->vcbst', s_fea_unit, fea_unit)             # 2 x c x B x T_s x T_t
-                ce = MatchedCrossEntropy.apply(s_region_group.view(c, batch, n, K), probs, mass,
-                                               sim.argmax(dim=-1), self.student_temp)    # 2 x c x B x T_s
+                match = sim.argmax(dim=-1)                                               # 2 x c x B x T_s
+                if by_position:
+                    at_point, inside = position_match(
+                        boxes[:, first_crop:first_crop + c].transpose(0, 1), boxes[:, :2].transpose(0, 1),
+                        square_side(n), square_side(n_teacher_tokens))
+                    match = torch.where(inside, at_point, match)
+                ce = MatchedCrossEntropy.apply(s_region_group.view(c, batch, n, K), probs, mass, match,
+                                               self.student_temp)                        # 2 x c x B x T_s
                 if mix_targets is not None:
                     ce = ce * shares[source, first_crop:first_crop + c, :, None]
                 group_ce = group_ce + ce

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 import utils
+from datasets import BoxedViews
 from .health import health_summary
 from .optim import cancel_gradients_last_layer, clip_gradients, ema_update, images_per_step
 from .precision import resolve_precision
@@ -95,6 +96,9 @@ class Trainer:
     def forward_loss(self, crops, epoch, it):
         """Student on all crops, teacher on the two globals: the loss (a 0-d tensor). A loss that is not finite
         in any process raises NonFiniteLoss in every process, before anything is updated."""
+        loss_options = {}
+        if isinstance(crops, BoxedViews):  # --region_matching position: the views and their crop boxes
+            crops, loss_options['boxes'] = crops.crops, crops.boxes.to(self.args.device)
         if self.view_colour:  # crops: [(uint8 pixels, colour draws)], coloured and normalised on the device
             crops = self.view_colour(crops)
         else:
@@ -104,7 +108,7 @@ class Trainer:
             with torch.no_grad():
                 teacher_output = self.teacher(crops[:2])   # only the 2 global views pass through the teacher
             student_output = self.student_ddp(student_crops)
-            loss = self.loss_fn(student_output, teacher_output, epoch, mix_targets)
+            loss = self.loss_fn(student_output, teacher_output, epoch, mix_targets, **loss_options)
         loss_value = loss.item()
         if utils.any_process(not math.isfinite(loss_value), self.args.device):
             raise NonFiniteLoss(loss_value, epoch, it)

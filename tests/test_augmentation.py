@@ -180,3 +180,32 @@ def test_views_are_resized_from_a_reduced_image_only_where_the_box_keeps_the_vie
     direct = np.asarray(image.resize((56, 56), Image.BICUBIC, box=box), dtype=float)
     halved = np.asarray(image.reduce(2).resize((56, 56), Image.BICUBIC, box=[c / 2 for c in box]), dtype=float)
     assert np.abs(direct - halved).mean() < 1.5
+
+
+def test_crop_boxes_say_where_each_view_pixel_comes_from(monkeypatch):
+    """--region_matching position trusts the boxes: on an image whose red and green bands are its pixel's x and
+    y, every view pixel must show the image point its box predicts (flips and reduced-size sources included)."""
+    monkeypatch.setattr(augmentation.DINOView, 'apply_colour', lambda self, view, colour: view)
+    ramp = np.arange(256, dtype=np.uint8)
+    image = Image.fromarray(np.stack([np.tile(ramp, (256, 1)), np.tile(ramp[:, None], (1, 256)),
+                                      np.zeros((256, 256), np.uint8)], axis=-1))
+    transform = DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), [3, 2], [32, 16], global_crops_size=64,
+                                     with_boxes=True)
+    torch.manual_seed(0)
+    flips = 0
+    for _ in range(10):
+        crops, boxes = transform(image)
+        assert boxes.shape == (7, 5) and [c.shape[-1] for c in crops] == transform.crop_sizes()
+        for view, (top, left, height, width, flipped) in zip(crops, boxes.tolist()):
+            size = view.shape[-1]
+            pixels = denormalize(view) * 255                                      # 3 x S x S: x, y, 0
+            centres = (torch.arange(size) + 0.5) / size
+            across = 1 - centres if flipped else centres
+            expected_x = (left + across * width) * 256 - 0.5                      # a pixel's value is its index
+            expected_y = (top + centres * height) * 256 - 0.5
+            inner = slice(1, size - 1)  # bicubic edges clamp at the crop border
+            assert (pixels[0, 0, inner] - expected_x[inner]).abs().max() < 2.5
+            assert (pixels[1, inner, 0] - expected_y[inner]).abs().max() < 2.5
+            flips += int(flipped)
+    assert 0 < flips < 70
+    assert not isinstance(DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), 2, 16, 64)(image), augmentation.BoxedViews)

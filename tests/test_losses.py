@@ -31,10 +31,27 @@ def cosine(a, b):
     return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
 
 
+def naive_teacher_cell(student_box, teacher_box, j, n_s, n_t):
+    """The teacher token (row-major on its square grid) whose cell holds student token j's centre on the image,
+    or None where the teacher view does not hold it; boxes [top, left, height, width, flipped] in image fractions."""
+    g_s, g_t = math.isqrt(n_s), math.isqrt(n_t)
+    top, left, height, width, flipped = student_box
+    across = (j % g_s + 0.5) / g_s
+    y = top + (j // g_s + 0.5) / g_s * height
+    x = left + (1 - across if flipped else across) * width
+    top, left, height, width, flipped = teacher_box
+    down, across = (y - top) / height, (x - left) / width
+    across = 1 - across if flipped else across
+    if not (0 <= down < 1 and 0 <= across < 1):
+        return None
+    return int(down * g_t) * g_t + int(across * g_t)
+
+
 def naive_ddino(s_cls, s_region, s_fea, crop_tokens, t_cls, t_region, t_fea, n_t, batch, temp, center, center_grid,
-                dense=True, region_weight=0.5, region_temp=None):
+                dense=True, region_weight=0.5, region_temp=None, boxes=None):
     """Python lists; crop_tokens = token count of each student crop in crop order; region_temp: the region
-    teacher's temperature (default ``temp``)."""
+    teacher's temperature (default ``temp``); boxes (B x V x 5): match by position where the teacher view holds
+    the student token's centre."""
     region_temp = temp if region_temp is None else region_temp
     ncrops = len(crop_tokens)
     # row offset of each student crop in the region tensors (crop-major, then batch, then token)
@@ -61,6 +78,9 @@ def naive_ddino(s_cls, s_region, s_fea, crop_tokens, t_cls, t_region, t_fea, n_t
                     row = offsets[v] + b * n_s + j
                     t_rows = [(i * batch + b) * n_t + m for m in range(n_t)]
                     best = max(t_rows, key=lambda r: cosine(s_fea[row], t_fea[r]))
+                    if boxes is not None:
+                        cell = naive_teacher_cell(boxes[b][v], boxes[b][i], j, n_s, n_t)
+                        best = best if cell is None else t_rows[cell]
                     region += cross_entropy(teacher_region[best], naive_log_softmax([x / STUDENT_TEMP for x in s_region[row]]))
                 pair += (1 - region_weight) * view + region_weight * region / n_s
             total += pair / batch
@@ -129,6 +149,44 @@ def test_region_teacher_temp_warms_up_with_the_view_teachers_and_matches_naive()
                                                 [4, 4, 1, 1, 1], teacher[0].tolist(), teacher[1].tolist(),
                                                 teacher[2].tolist(), 4, 2, 0.05, [0.0] * 7, [0.0] * 7), rel=1e-5)
     assert default != pytest.approx(loss_fn(student, teacher, 5).item(), rel=1e-3)
+
+
+def random_boxes(batch, ncrops, seed):
+    """B x V x 5 crop boxes inside the unit image (some views flipped)."""
+    g = torch.Generator().manual_seed(seed)
+    size = 0.3 + 0.7 * torch.rand(batch, ncrops, 2, generator=g)
+    corner = (1 - size) * torch.rand(batch, ncrops, 2, generator=g)
+    flipped = (torch.rand(batch, ncrops, 1, generator=g) < 0.5).float()
+    return torch.cat([corner, size, flipped], dim=-1)
+
+
+@pytest.mark.parametrize('batch,local_numbers,tokens', [(2, [4], [16, 4]), (3, [2, 1], [9, 4, 1])])
+def test_position_matching_matches_naive(batch, local_numbers, tokens):
+    ncrops = 2 + sum(local_numbers)
+    crops_per_group = [2] + local_numbers
+    student, teacher = random_outputs(batch, crops_per_group, tokens, seed=6)
+    boxes = random_boxes(batch, ncrops, seed=7)
+    crop_tokens = [n for c, n in zip(crops_per_group, tokens) for _ in range(c)]
+    by_position = DDINOLoss(7, ncrops, 0.04, 0.04, 0, 10, local_crops_number=local_numbers,
+                            region_matching='position')
+    expected = naive_ddino(student[0].tolist(), student[1].tolist(), student[2].tolist(), crop_tokens,
+                           teacher[0].tolist(), teacher[1].tolist(), teacher[2].tolist(), tokens[0], batch, 0.04,
+                           [0.0] * 7, [0.0] * 7, boxes=boxes.tolist())
+    assert by_position(student, teacher, 0, boxes=boxes).item() == pytest.approx(expected, rel=1e-5)
+    # the boxes decide: the feature matches give another loss, and so do other boxes
+    by_feature = DDINOLoss(7, ncrops, 0.04, 0.04, 0, 10, local_crops_number=local_numbers)
+    assert by_feature(student, teacher, 0).item() != pytest.approx(expected, rel=1e-3)
+    assert by_position(student, teacher, 0, boxes=random_boxes(batch, ncrops, seed=8)).item() != \
+        pytest.approx(expected, rel=1e-3)
+    with pytest.raises(ValueError, match='crop boxes'):
+        by_position(student, teacher, 0)
+
+
+def test_region_matching_position_needs_the_region_loss(tmp_path):
+    import utils
+    with pytest.raises(utils.UserError, match=r'--region_matching position needs --use_dense_prediction True'):
+        run_training(command('--region_matching', 'position', '--use_dense_prediction', 'False',
+                             '--output_dir', str(tmp_path)))
 
 
 def test_region_loss_weight_out_of_range_is_a_one_line_error(tmp_path):

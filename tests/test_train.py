@@ -70,6 +70,27 @@ def test_training_step_lowers_the_loss_on_a_fixed_batch(tiny_data, tmp_path):
     assert losses[-1] < losses[0]
 
 
+def test_position_matching_trains_on_the_boxes_of_the_loaders_views(tiny_data, tmp_path, monkeypatch):
+    seen = []
+    forward = DDINOLoss.forward
+
+    def recording(self, student_output, teacher_output, epoch, mix_targets=None, boxes=None):
+        seen.append((self.region_matching, boxes, [len(student_output[0]) // len(boxes)]))  # crops per image
+        return forward(self, student_output, teacher_output, epoch, mix_targets, boxes=boxes)
+    monkeypatch.setattr(DDINOLoss, 'forward', recording)
+    out = str(tmp_path / 'run')
+    args = run(command('--data_path', tiny_data, '--output_dir', out, '--epochs', '2', '--region_matching', 'position'))
+    log = read_log(out)
+    assert log[1]['train_loss'] < log[0]['train_loss']
+    ncrops = 2 + sum(args.local_crops_number)
+    assert seen and all(matching == 'position' for matching, _, _ in seen)
+    boxes = torch.cat([b for _, b, _ in seen])                          # steps*B x V x 5
+    assert boxes.shape[1:] == (ncrops, 5) and all(n == [ncrops] for _, _, n in seen)
+    corner, size, flipped = boxes[..., :2], boxes[..., 2:4], boxes[..., 4]
+    assert (corner >= 0).all() and (size > 0).all() and (corner + size <= 1 + 1e-6).all()
+    assert set(flipped.unique().tolist()) == {0.0, 1.0}
+
+
 def test_view_only_run_continues_with_region_loss(tiny_data, tmp_path):
     view_only, continued = str(tmp_path / 'v'), str(tmp_path / 'vr')
     run(command('--data_path', tiny_data, '--output_dir', view_only, '--epochs', '1', view_only=True))
