@@ -53,7 +53,8 @@ from .loader import (DistributedEpochSampler, EpochRandomSampler, WorkerLoader, 
 from .deit_aug import DataAugmentationDEIT
 from .device_colour import DeviceColour
 from .transforms import (BoxedViews, DataAugmentationDINO, MultiCropTransform, build_transform,
-                         center_view, colour_jitter, denormalize, eval_transform, normalize, probe_train_transform,
+                         center_view, colour_jitter, denormalize, eval_transform, matches_by_position, normalize,
+                         probe_train_transform,
                          to_normalized_tensor)
 
 __all__ = [
@@ -63,6 +64,6 @@ __all__ = [
     'DistributedEpochSampler', 'EpochRandomSampler', 'WorkerLoader', 'build_loader', 'cap_workers', 'set_epoch',
     'worker_init', 'worker_nice',
     'BoxedViews', 'DataAugmentationDEIT', 'DataAugmentationDINO', 'DeviceColour', 'MultiCropTransform', 'build_transform',
-    'center_view', 'colour_jitter', 'denormalize', 'eval_transform', 'normalize', 'probe_train_transform',
+    'center_view', 'colour_jitter', 'denormalize', 'eval_transform', 'matches_by_position', 'normalize', 'probe_train_transform',
     'to_normalized_tensor',
 ]

@@ -352,11 +352,17 @@ class DataAugmentationDINO(MultiCropTransform):
         return math.ceil(width * factor), math.ceil(height * factor)
 
 
+def matches_by_position(args):
+    """Whether the region loss matches tokens by position (``--region_matching position`` of a V+R run): its views
+    then come with their crop boxes. A view-only run ignores the option, as it ignores --region_loss_weight."""
+    return args.use_dense_prediction and args.region_matching == 'position'
+
+
 def _dino_from_args(args, global_crops_size, colour_on_device):
     return DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                                 args.local_crops_size, global_crops_size, colour_on_device=colour_on_device,
                                 blur_radius=args.blur_radius,
-                                with_boxes=args.region_matching == 'position')
+                                with_boxes=matches_by_position(args))
 
 
 def _deit_from_args(args, global_crops_size, colour_on_device):

@@ -10,7 +10,8 @@ import time
 import utils
 from analysis import attention_figure, network_input
 from config import load_config, save_config
-from datasets import build_dataset, build_loader, build_transform, demo_data_path, normalize, set_epoch, worker_nice
+from datasets import (build_dataset, build_loader, build_transform, demo_data_path, matches_by_position, normalize,
+                      set_epoch, worker_nice)
 from evaluation import OnlineKNN, load_backbone_weights
 from .build import build_trainer, colour_on_device
 from .optim import images_per_step
@@ -32,11 +33,9 @@ def check_args(args):
         raise utils.UserError(f"--blur_radius {args.blur_radius[0]} {args.blur_radius[1]}: need 0 < MIN <= MAX")
     if args.knn_freq < 0:
         raise utils.UserError(f"--knn_freq must be 0 (never) or a number of epochs, got {args.knn_freq}")
-    if args.region_matching == 'position' and (not args.use_dense_prediction or args.aug_opt != 'dino_aug'
-                                               or args.use_mixup):
-        raise utils.UserError(f"--region_matching position needs --use_dense_prediction True, --aug-opt dino_aug "
-                              f"(the views' crop boxes) and --use_mixup False; got {args.use_dense_prediction}, "
-                              f"{args.aug_opt}, {args.use_mixup}")
+    if matches_by_position(args) and (args.aug_opt != 'dino_aug' or args.use_mixup):
+        raise utils.UserError(f"--region_matching position needs --aug-opt dino_aug (the views' crop boxes) and "
+                              f"--use_mixup False, not {args.aug_opt} and {args.use_mixup}")
     if args.colour_augment_on == 'device' and args.aug_opt != 'dino_aug':
         raise utils.UserError(f"--colour_augment_on device needs --aug-opt dino_aug, not {args.aug_opt} (its "
                               f"views are timm's transforms, applied in the DataLoader workers)")

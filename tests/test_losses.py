@@ -182,11 +182,10 @@ def test_position_matching_matches_naive(batch, local_numbers, tokens):
         by_position(student, teacher, 0)
 
 
-def test_region_matching_position_needs_the_region_loss(tmp_path):
+def test_region_matching_position_needs_the_views_boxes(tmp_path):
     import utils
-    with pytest.raises(utils.UserError, match=r'--region_matching position needs --use_dense_prediction True'):
-        run_training(command('--region_matching', 'position', '--use_dense_prediction', 'False',
-                             '--output_dir', str(tmp_path)))
+    with pytest.raises(utils.UserError, match=r'--region_matching position needs --aug-opt dino_aug .* not deit_aug'):
+        run_training(command('--region_matching', 'position', '--aug-opt', 'deit_aug', '--output_dir', str(tmp_path)))
 
 
 def test_region_loss_weight_out_of_range_is_a_one_line_error(tmp_path):

@@ -89,6 +89,10 @@ def test_position_matching_trains_on_the_boxes_of_the_loaders_views(tiny_data, t
     corner, size, flipped = boxes[..., :2], boxes[..., 2:4], boxes[..., 4]
     assert (corner >= 0).all() and (size > 0).all() and (corner + size <= 1 + 1e-6).all()
     assert set(flipped.unique().tolist()) == {0.0, 1.0}
+    seen.clear()  # a view-only run ignores the option (as --region_loss_weight): plain views, no region loss
+    run(command('--data_path', tiny_data, '--output_dir', str(tmp_path / 'v'), '--epochs', '1',
+                '--region_matching', 'position', view_only=True))
+    assert not seen and read_log(str(tmp_path / 'v'))[0]['epoch'] == 0
 
 
 def test_view_only_run_continues_with_region_loss(tiny_data, tmp_path):
