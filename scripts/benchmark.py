@@ -26,6 +26,7 @@ sys.path.insert(0, ROOT)
 import utils  # noqa: E402
 from bench_common import matmul_peak, peak_memory_mb, synthetic_crops, time_steps  # noqa: E402
 from config import load_config  # noqa: E402
+from datasets import BoxedViews, matches_by_position  # noqa: E402
 from engine import build_trainer, parse_args  # noqa: E402
 from engine.args import get_args_parser  # noqa: E402
 
@@ -62,6 +63,14 @@ def get_args():
     return p.parse_args()
 
 
+def random_crop_boxes(batch, ncrops):
+    """B x V x 5 boxes [top, left, height, width, flipped] inside the unit image, as the views' crop boxes."""
+    g = torch.Generator().manual_seed(0)
+    size = 0.3 + 0.7 * torch.rand(batch, ncrops, 2, generator=g)
+    corner = (1 - size) * torch.rand(batch, ncrops, 2, generator=g)
+    return torch.cat([corner, size, (torch.rand(batch, ncrops, 1, generator=g) < 0.5).float()], dim=-1)
+
+
 def trainer_for(args):
     """(main_esvit.py's arguments, the Trainer) of this benchmark's settings."""
     argv = ['--arch', args.arch, '--out_dim', str(args.out_dim), '--use_dense_prediction', str(args.use_dense_prediction),
@@ -94,6 +103,8 @@ def benchmark(args, malloc):
     train_args, trainer = trainer_for(args)
     device = train_args.device
     crops = synthetic_crops(args, device)
+    if matches_by_position(train_args):  # --train_args "--region_matching position": the views' crop boxes too
+        crops = BoxedViews(crops, random_crop_boxes(args.batch_size, len(crops)))
     phases, cpu_seconds, faults = time_steps(lambda it: trainer.forward_loss(crops, epoch=1, it=it), trainer.backward,
                                 lambda it: trainer.optimizer_step(epoch=1, it=it), args, device)
 

@@ -61,7 +61,8 @@ def zip_folder(folder, zip_path, prefix=''):
 
 def dino_args(**overrides):
     args = dict(aug_opt='dino_aug', global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4),
-                local_crops_number=[2], local_crops_size=[32], blur_radius=(0.1, 2.0))
+                local_crops_number=[2], local_crops_size=[32], blur_radius=(0.1, 2.0), use_dense_prediction=True,
+                region_matching='feature')
     return argparse.Namespace(**{**args, **overrides})
 
 
