@@ -312,14 +312,16 @@ class DDINOLoss(_CenteredDistillationLoss):
         for c, n, s_fea_group, s_region_group in zip(crops_per_group, s_npatch, s_fea.split(rows),
                                                      s_region_out.split(rows)):
             s_fea_unit = F.normalize(s_fea_group.detach().float(), dim=-1).view(c, batch, n, C)
+            if by_position:  # 2 x c x B x T_s each: the teacher token at the student token's point, and whether
+                # that point lies in the teacher view (no mixup here: the teachers are the image's own)
+                at_point, inside = position_match(boxes[:, first_crop:first_crop + c].transpose(0, 1),
+                                                  boxes[:, :2].transpose(0, 1), square_side(n),
+                                                  square_side(n_teacher_tokens))
             group_ce = 0.
             for source, (probs, mass, fea_unit) in enumerate(teachers):
                 sim = torch.einsum('cbsd,vbtd->vcbst', s_fea_unit, fea_unit)             # 2 x c x B x T_s x T_t
                 match = sim.argmax(dim=-1)                                               # 2 x c x B x T_s
                 if by_position:
-                    at_point, inside = position_match(
-                        boxes[:, first_crop:first_crop + c].transpose(0, 1), boxes[:, :2].transpose(0, 1),
-                        square_side(n), square_side(n_teacher_tokens))
                     match = torch.where(inside, at_point, match)
                 ce = MatchedCrossEntropy.apply(s_region_group.view(c, batch, n, K), probs, mass, match,
                                                self.student_temp)                        # 2 x c x B x T_s
